@@ -1,0 +1,272 @@
+//! The pure planner: `decide(&view, &signals, &policy, now) -> Plan`.
+//!
+//! No I/O, no clock reads, no randomness: the same inputs always give the same plan. A policy
+//! (`seed` or `target`) says how many RunPod GPUs demand wants; the shared part here turns that
+//! into launch and terminate steps within the hard limits (`max_pods`, `max_usd_per_hour`,
+//! `max_launches_per_tick`, counting pods still booting), never scales down on a stale signal,
+//! and removes only pods past their warm-up grace and idle timeout.
+
+mod plan;
+mod seed;
+mod target;
+mod view;
+
+#[cfg(test)]
+mod tests;
+
+pub use plan::{Hold, Plan, Reason, Step};
+pub use view::{ClusterView, PodTemplate, PodView, Policy, PolicyKind};
+
+use std::time::Duration;
+
+use crate::model::{Timestamp, Usd};
+use crate::signals::Signals;
+
+/// What a policy asks for, before the shared limits are applied.
+#[derive(Debug, Clone, PartialEq)]
+struct Want {
+    /// GPU workers demand needs in total (for reporting).
+    demand_gpus: u32,
+    /// RunPod GPUs wanted (already clamped to the policy's pod range).
+    runpod_gpus: u32,
+    /// Why capacity is added.
+    reason: Reason,
+    /// Removal rules, or `None` when this policy does not scale down now.
+    scale_down: Option<ScaleDown>,
+    /// Holds the policy itself reports.
+    holds: Vec<Hold>,
+}
+
+/// When a surplus pod may be removed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ScaleDown {
+    idle_timeout: Duration,
+    warmup_grace: Duration,
+}
+
+/// Decides what to do now. Pure: see the module documentation.
+pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Plan {
+    let capacity_pods = count(view.capacity_pods());
+    let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
+    let mut plan = Plan {
+        at: now,
+        policy: policy.kind,
+        demand_gpus: 0,
+        baseline_gpus: view.baseline_gpus,
+        desired_gpus: view.baseline_gpus.saturating_add(capacity_gpus),
+        capacity_pods,
+        target_pods: capacity_pods,
+        steps: Vec::new(),
+        holds: Vec::new(),
+    };
+    if !view.synced {
+        plan.holds.push(Hold::NotSynced);
+        return plan;
+    }
+
+    // Pods that exist but will never serve are always cleaned up: they can still bill.
+    for pod in view.pods.iter().filter(|p| p.state.is_dead()) {
+        plan.steps.push(Step::Terminate {
+            pod: pod.id.clone(),
+            reason: Reason::NotServing {
+                state: pod.state.to_string(),
+            },
+        });
+    }
+
+    let stale = stale_holds(signals, policy, now);
+    let want = match policy.kind {
+        PolicyKind::Seed => seed::want(view, signals, policy, now),
+        PolicyKind::Target => target::want(view, signals, policy, now),
+    };
+    plan.demand_gpus = want.demand_gpus;
+    plan.holds.extend(want.holds.iter().cloned());
+
+    let mut remaining: Vec<&PodView> = view.capacity_pods().collect();
+    let mut remaining_gpus = capacity_gpus;
+
+    // Hard limit first: pods above max_pods go, whatever the signals say.
+    if capacity_pods > policy.max_pods {
+        let excess = (capacity_pods - policy.max_pods) as usize;
+        remaining.sort_by(|a, b| removal_order(a, b));
+        for pod in remaining.drain(..excess) {
+            remaining_gpus -= pod.gpus;
+            plan.steps.push(Step::Terminate {
+                pod: pod.id.clone(),
+                reason: Reason::AboveMaximum {
+                    max_pods: policy.max_pods,
+                },
+            });
+        }
+    }
+
+    let mut launched = 0u32;
+    if want.runpod_gpus > remaining_gpus {
+        launched = launch(
+            view,
+            policy,
+            want.runpod_gpus - remaining_gpus,
+            &want.reason,
+            &mut plan,
+        );
+    } else if want.runpod_gpus < remaining_gpus {
+        match want.scale_down {
+            _ if !stale.is_empty() => {}
+            None => {}
+            Some(rules) => scale_down(
+                &mut remaining,
+                &mut remaining_gpus,
+                want.runpod_gpus,
+                policy.min_pods,
+                rules,
+                now,
+                &mut plan,
+            ),
+        }
+    }
+    plan.holds.extend(stale);
+    let mut seen = Vec::with_capacity(plan.holds.len());
+    plan.holds.retain(|h| {
+        let new = !seen.contains(h);
+        if new {
+            seen.push(h.clone());
+        }
+        new
+    });
+
+    plan.target_pods = count(remaining.iter()) + launched;
+    plan.desired_gpus = view
+        .baseline_gpus
+        .saturating_add(remaining_gpus)
+        .saturating_add(launched.saturating_mul(policy.pod.gpus));
+    plan
+}
+
+fn count<I: Iterator>(it: I) -> u32 {
+    u32::try_from(it.count()).unwrap_or(u32::MAX)
+}
+
+/// Holds for every signal that is stale or was never sampled.
+fn stale_holds(signals: &Signals, policy: &Policy, now: Timestamp) -> Vec<Hold> {
+    let mut holds = Vec::new();
+    let named = [
+        ("queue lag", Some(&signals.queue)),
+        ("p95 latency", signals.latency.as_ref()),
+    ];
+    for (name, series) in named {
+        let Some(series) = series else { continue };
+        if !series.is_fresh(now, policy.stale_after_intervals) {
+            holds.push(Hold::StaleSignal {
+                signal: name,
+                age: series.age(now),
+            });
+        }
+    }
+    holds
+}
+
+/// Adds launch steps for `missing_gpus`, within max_pods, budget and launch rate. Returns the
+/// number of pods launched.
+fn launch(
+    view: &ClusterView,
+    policy: &Policy,
+    missing_gpus: u32,
+    reason: &Reason,
+    plan: &mut Plan,
+) -> u32 {
+    let per_pod = policy.pod.gpus.max(1);
+    let wanted = missing_gpus.div_ceil(per_pod);
+    let existing = count(view.existing_pods());
+    let by_pods = policy.max_pods.saturating_sub(existing);
+    let spend = view.usd_per_hour();
+    let headroom = policy.max_usd_per_hour.dollars() - spend.dollars() + Usd::EPSILON;
+    let price = policy.pod.usd_per_hour.dollars();
+    let by_budget = if price <= 0.0 {
+        u32::MAX
+    } else if headroom <= 0.0 {
+        0
+    } else {
+        // Truncation is the intent: only whole pods that fit in the remaining budget.
+        (headroom / price).floor().min(f64::from(u32::MAX)) as u32
+    };
+    let n = wanted
+        .min(by_pods)
+        .min(by_budget)
+        .min(policy.max_launches_per_tick);
+    if n < wanted {
+        if by_pods < wanted {
+            plan.holds.push(Hold::MaxPods {
+                max_pods: policy.max_pods,
+            });
+        }
+        if by_budget < wanted {
+            plan.holds.push(Hold::Budget {
+                max_usd_per_hour: policy.max_usd_per_hour,
+                current: spend,
+            });
+        }
+        if policy.max_launches_per_tick < wanted.min(by_pods).min(by_budget) {
+            plan.holds.push(Hold::LaunchRate {
+                max_launches_per_tick: policy.max_launches_per_tick,
+            });
+        }
+    }
+    for _ in 0..n {
+        plan.steps.push(Step::Launch {
+            gpu_type: policy.pod.gpu_type.clone(),
+            gpus: policy.pod.gpus,
+            usd_per_hour: policy.pod.usd_per_hour,
+            reason: reason.clone(),
+        });
+    }
+    n
+}
+
+/// Removes eligible pods, most expensive first, while the rest still covers `want_gpus` and
+/// `min_pods`. An eligible pod is past its warm-up grace and idle for the idle timeout.
+fn scale_down(
+    remaining: &mut Vec<&PodView>,
+    remaining_gpus: &mut u32,
+    want_gpus: u32,
+    min_pods: u32,
+    rules: ScaleDown,
+    now: Timestamp,
+    plan: &mut Plan,
+) {
+    remaining.sort_by(|a, b| removal_order(a, b));
+    let mut pods_left = count(remaining.iter());
+    let mut not_idle = 0u32;
+    remaining.retain(|pod| {
+        let covers = *remaining_gpus >= want_gpus.saturating_add(pod.gpus);
+        if !covers || pods_left <= min_pods {
+            return true;
+        }
+        let idle_for = pod.idle_for(now);
+        if pod.is_warming(now, rules.warmup_grace) || idle_for < rules.idle_timeout {
+            not_idle += 1;
+            return true;
+        }
+        *remaining_gpus -= pod.gpus;
+        pods_left -= 1;
+        plan.steps.push(Step::Terminate {
+            pod: pod.id.clone(),
+            reason: Reason::Surplus {
+                target_pods: pods_left,
+                idle_for: Duration::from_secs(idle_for.as_secs()),
+            },
+        });
+        false
+    });
+    if not_idle > 0 {
+        plan.holds.push(Hold::WaitingForIdle { pods: not_idle });
+    }
+}
+
+/// Removal preference: most expensive per GPU first, then the newest, then by id.
+fn removal_order(a: &PodView, b: &PodView) -> std::cmp::Ordering {
+    let per_gpu = |p: &PodView| p.usd_per_hour.dollars() / f64::from(p.gpus.max(1));
+    per_gpu(b)
+        .total_cmp(&per_gpu(a))
+        .then(b.created_at.cmp(&a.created_at))
+        .then(a.id.cmp(&b.id))
+}

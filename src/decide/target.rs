@@ -1,0 +1,123 @@
+//! Target tracking: desired GPU workers = max(ceil(lag / lag_per_gpu), a latency step-up while
+//! p95 > SLO). The local baseline covers demand first and RunPod the rest, clamped to
+//! [min_pods, max_pods]. Scale-up is immediate; scale-down goes only to the highest demand seen
+//! in the stabilization window, and never while p95 was above the SLO in that window.
+
+use super::{ClusterView, Hold, Policy, Reason, ScaleDown, Want};
+use crate::model::Timestamp;
+use crate::signals::Signals;
+
+/// GPU workers needed to absorb `lag`.
+fn lag_gpus(lag: f64, lag_per_gpu: f64) -> u32 {
+    if lag <= 0.0 {
+        return 0;
+    }
+    (lag / lag_per_gpu).ceil().min(f64::from(u32::MAX)) as u32
+}
+
+pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Want {
+    let per_pod = policy.pod.gpus.max(1);
+    let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
+    let total_now = view.baseline_gpus.saturating_add(capacity_gpus);
+    let mut holds = Vec::new();
+
+    let lag = signals.queue.latest().map_or(0.0, |s| s.value);
+    let by_lag = lag_gpus(lag, policy.lag_per_gpu);
+
+    let p95 = signals
+        .latency
+        .as_ref()
+        .and_then(|l| l.latest())
+        .map(|s| s.value);
+    let slow = p95.filter(|&p| p > policy.slo_p95_seconds);
+    let by_latency = match slow {
+        None => 0,
+        Some(_) => {
+            let warming = u32::try_from(
+                view.capacity_pods()
+                    .filter(|p| p.is_warming(now, policy.warmup_grace))
+                    .count(),
+            )
+            .unwrap_or(u32::MAX);
+            if warming > 0 {
+                // The last step has not taken effect yet: wait for it before adding more.
+                holds.push(Hold::WarmingUp { pods: warming });
+                total_now
+            } else {
+                total_now.saturating_add(policy.latency_step_gpus)
+            }
+        }
+    };
+
+    let demand_gpus = by_lag.max(by_latency);
+    // Limits in GPUs; `launch` rounds up to whole pods.
+    let clamp = |gpus: u32| -> u32 {
+        gpus.clamp(
+            policy.min_pods.saturating_mul(per_pod),
+            policy.max_pods.max(policy.min_pods).saturating_mul(per_pod),
+        )
+    };
+    let mut runpod_gpus = clamp(demand_gpus.saturating_sub(view.baseline_gpus));
+    if demand_gpus
+        .saturating_sub(view.baseline_gpus)
+        .div_ceil(per_pod)
+        > policy.max_pods
+    {
+        holds.push(Hold::MaxPods {
+            max_pods: policy.max_pods,
+        });
+    }
+
+    let reason = match slow {
+        Some(p) if by_latency >= by_lag => Reason::LatencyAboveSlo {
+            p95_seconds: p,
+            slo_seconds: policy.slo_p95_seconds,
+        },
+        _ if demand_gpus.saturating_sub(view.baseline_gpus) == 0 && policy.min_pods > 0 => {
+            Reason::BelowMinimum {
+                min_pods: policy.min_pods,
+            }
+        }
+        _ => Reason::QueueLag {
+            lag,
+            needed_gpus: by_lag,
+        },
+    };
+
+    if runpod_gpus < capacity_gpus {
+        // Stabilization: the highest demand within the window wins; any SLO breach in the
+        // window keeps the current capacity.
+        let since = now.minus(policy.scale_down_stabilization);
+        let window_lag = signals
+            .queue
+            .since(since)
+            .map(|s| s.value)
+            .fold(lag, f64::max);
+        let breached = signals
+            .latency
+            .as_ref()
+            .is_some_and(|l| l.since(since).any(|s| s.value > policy.slo_p95_seconds));
+        let window_gpus = if breached {
+            capacity_gpus
+        } else {
+            clamp(lag_gpus(window_lag, policy.lag_per_gpu).saturating_sub(view.baseline_gpus))
+        };
+        if window_gpus > runpod_gpus {
+            runpod_gpus = window_gpus.min(capacity_gpus);
+            holds.push(Hold::Stabilizing {
+                window_pods: window_gpus.div_ceil(per_pod),
+            });
+        }
+    }
+
+    Want {
+        demand_gpus,
+        runpod_gpus,
+        reason,
+        scale_down: Some(ScaleDown {
+            idle_timeout: policy.idle_timeout,
+            warmup_grace: policy.warmup_grace,
+        }),
+        holds,
+    }
+}

@@ -1,0 +1,14 @@
+//! runpod-autoscaler: a KEDA external scaler and RunPod burst autoscaler for a Kubernetes GPU
+//! platform. See the README's architecture section for how the modules fit together.
+
+pub mod clock;
+pub mod config;
+pub mod decide;
+pub mod model;
+pub mod signals;
+
+/// Code generated from `proto/externalscaler.proto` (KEDA's external scaler contract).
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("externalscaler");
+}

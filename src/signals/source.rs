@@ -1,0 +1,97 @@
+//! The [`SignalSource`] trait every demand signal implements, and the static source used when
+//! nothing else is installed (fixed values from the configuration).
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+/// Which signal a source produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    /// Messages waiting in the job queue (Kafka consumer-group lag).
+    QueueLag,
+    /// p95 job latency in seconds.
+    LatencyP95,
+}
+
+impl SignalKind {
+    /// A short label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalKind::QueueLag => "queue_lag",
+            SignalKind::LatencyP95 => "latency_p95",
+        }
+    }
+}
+
+/// Why a sample could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// The backend could not be reached (connection refused, DNS, TLS).
+    #[error("{backend} unreachable: {detail}")]
+    Unreachable {
+        /// Which backend.
+        backend: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// The backend did not answer in time.
+    #[error("{backend} did not answer within {timeout_ms} ms")]
+    Timeout {
+        /// Which backend.
+        backend: &'static str,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// The backend answered, but the answer cannot be used.
+    #[error("{backend}: {detail}")]
+    BadAnswer {
+        /// Which backend.
+        backend: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl SignalError {
+    /// True when polling again may succeed without a configuration change.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SignalError::BadAnswer { .. })
+    }
+}
+
+/// A source of one demand signal. Implementations keep their connections between polls and
+/// bound every poll with a timeout.
+#[async_trait]
+pub trait SignalSource: Send + Sync + 'static {
+    /// The signal produced.
+    fn kind(&self) -> SignalKind;
+    /// Takes one sample.
+    async fn sample(&self) -> Result<f64, SignalError>;
+}
+
+/// A source that always reads the same value: for demos and for running without Kafka or
+/// Prometheus.
+#[derive(Debug, Clone, Copy)]
+pub struct StaticSource {
+    kind: SignalKind,
+    value: f64,
+}
+
+impl StaticSource {
+    /// A source of `kind` that always reads `value`.
+    pub fn new(kind: SignalKind, value: f64) -> Self {
+        StaticSource { kind, value }
+    }
+}
+
+#[async_trait]
+impl SignalSource for StaticSource {
+    fn kind(&self) -> SignalKind {
+        self.kind
+    }
+
+    async fn sample(&self) -> Result<f64, SignalError> {
+        Ok(self.value)
+    }
+}
