@@ -5,7 +5,12 @@ pub mod clock;
 pub mod config;
 pub mod decide;
 pub mod model;
+pub mod scaler;
+pub mod service;
 pub mod signals;
+pub mod simulate;
+pub mod snapshot;
+pub mod telemetry;
 
 /// Code generated from `proto/externalscaler.proto` (KEDA's external scaler contract).
 pub mod proto {

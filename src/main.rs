@@ -1,1 +1,363 @@
-fn main() {}
+//! The `runpod-autoscaler` binary: thin command-line edge over the library. Errors here carry
+//! context for the operator (`anyhow`); the library's errors are typed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use runpod_autoscaler::clock::SystemClock;
+use runpod_autoscaler::config::{Config, LogFormat};
+use runpod_autoscaler::decide::PolicyKind;
+use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
+use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use runpod_autoscaler::scaler::TlsMaterial;
+use runpod_autoscaler::service::{self, ServiceParts};
+use runpod_autoscaler::simulate::{self, SimParams, Trace};
+
+#[derive(Parser)]
+#[command(
+    name = "runpod-autoscaler",
+    version,
+    about = "KEDA external scaler and RunPod burst autoscaler for GPU work"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: KEDA gRPC scaler, HTTP metrics/health, and the tick loop.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// gRPC listen address (overrides service.grpc_addr).
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
+        /// HTTP listen address (overrides service.http_addr).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Validate a configuration file: exit 0 when valid, 2 with the problem when not.
+    CheckConfig {
+        /// Configuration file (TOML).
+        file: PathBuf,
+    },
+    /// Replay demand traces through the planner and compare policies.
+    Simulate {
+        /// CSV trace(s): `time_s,arriving_jobs[,p95_s]`.
+        #[arg(long = "trace", required = true)]
+        traces: Vec<PathBuf>,
+        /// Which policy to run.
+        #[arg(long, value_enum, default_value_t = PolicyChoice::All)]
+        policy: PolicyChoice,
+        /// Take policy limits and baseline from this configuration (else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Call the scaler like KEDA does (GetMetricSpec, GetMetrics, IsActive) and print answers.
+    ScalerProbe {
+        /// Scaler address, e.g. http://127.0.0.1:9090.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        addr: String,
+        /// Trigger metadata, repeatable: `-m targetSize=2`.
+        #[arg(long = "metadata", short = 'm', value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyChoice {
+    Seed,
+    Target,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::Serve {
+            config,
+            grpc_addr,
+            http_addr,
+        } => runtime().and_then(|rt| rt.block_on(serve(&config, grpc_addr, http_addr))),
+        Command::Simulate {
+            traces,
+            policy,
+            config,
+            output,
+        } => run_simulation(&traces, policy, config.as_deref(), output),
+        Command::ScalerProbe { addr, metadata } => {
+            runtime().and_then(|rt| rt.block_on(probe(addr, metadata)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("{}: valid", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(
+    path: &Path,
+    grpc_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
+) -> Result<()> {
+    let mut config = Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(a) = grpc_addr {
+        config.service.grpc_addr = a;
+    }
+    if let Some(a) = http_addr {
+        config.service.http_addr = a;
+    }
+    init_logging(config.service.log_format);
+
+    let tls = match &config.service.tls {
+        None => None,
+        Some(t) => Some(TlsMaterial {
+            cert_pem: read(&t.cert_file, "service.tls.cert_file")?,
+            key_pem: read(&t.key_file, "service.tls.key_file")?,
+            client_ca_pem: t
+                .client_ca_file
+                .as_deref()
+                .map(|p| read(p, "service.tls.client_ca_file"))
+                .transpose()?,
+        }),
+    };
+    let grpc = tokio::net::TcpListener::bind(config.service.grpc_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding gRPC to {} (service.grpc_addr)",
+                config.service.grpc_addr
+            )
+        })?;
+    let http = tokio::net::TcpListener::bind(config.service.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding HTTP to {} (service.http_addr)",
+                config.service.http_addr
+            )
+        })?;
+
+    let shutdown = CancellationToken::new();
+    let running = service::start(
+        ServiceParts {
+            grpc,
+            http,
+            tls,
+            sources: service::sources_from_config(&config),
+            poll_interval: config.signals.poll_interval,
+            tick_interval: config.service.tick_interval,
+            baseline_gpus: config.baseline.gpus,
+            policy: config.planner_policy(),
+            clock: Arc::new(SystemClock),
+        },
+        shutdown.clone(),
+    )?;
+    // One machine-readable line on stdout so scripts and tests can find the ports.
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "grpc": running.grpc_addr, "http": running.http_addr})
+    );
+    info!(grpc = %running.grpc_addr, http = %running.http_addr, policy = %config.policy.kind, "serving");
+
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown requested; finishing the current tick");
+        signal_token.cancel();
+    });
+    running
+        .wait()
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("service failed")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn read(path: &Path, key: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {} ({key})", path.display()))
+}
+
+fn run_simulation(
+    traces: &[PathBuf],
+    choice: PolicyChoice,
+    config: Option<&Path>,
+    output: Output,
+) -> Result<()> {
+    let (base_policy, baseline_gpus) = match config {
+        Some(path) => {
+            let c = Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+            (c.planner_policy(), c.baseline.gpus)
+        }
+        None => (
+            simulate::default_policy(),
+            SimParams::default().baseline_gpus,
+        ),
+    };
+    let kinds: Vec<PolicyKind> = match choice {
+        PolicyChoice::Seed => vec![PolicyKind::Seed],
+        PolicyChoice::Target => vec![PolicyKind::Target],
+        PolicyChoice::All => PolicyKind::ALL.to_vec(),
+    };
+    let params = SimParams {
+        baseline_gpus,
+        ..SimParams::default()
+    };
+    let mut results = Vec::new();
+    for path in traces {
+        let trace =
+            Trace::from_path(path).with_context(|| format!("reading trace {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let reports = kinds
+            .iter()
+            .map(|&kind| {
+                let mut policy = base_policy.clone();
+                policy.kind = kind;
+                simulate::simulate(&trace, &policy, &params)
+            })
+            .collect::<Vec<_>>();
+        results.push((name, reports));
+    }
+    match output {
+        Output::Text => print!("{}", simulate::render_table(&results)),
+        Output::Json => {
+            let json: Vec<_> = results
+                .iter()
+                .map(|(name, reports)| serde_json::json!({"trace": name, "results": reports}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+    }
+    Ok(())
+}
+
+async fn probe(addr: String, metadata: Vec<(String, String)>) -> Result<()> {
+    let mut client = ExternalScalerClient::connect(addr.clone())
+        .await
+        .with_context(|| format!("connecting to the scaler at {addr}"))?;
+    let object = ScaledObjectRef {
+        name: "probe".into(),
+        namespace: "default".into(),
+        scaler_metadata: metadata.into_iter().collect::<HashMap<_, _>>(),
+    };
+    let spec = client
+        .get_metric_spec(object.clone())
+        .await
+        .context("GetMetricSpec")?
+        .into_inner();
+    let Some(first) = spec.metric_specs.first() else {
+        bail!("GetMetricSpec returned no metric spec");
+    };
+    println!(
+        "GetMetricSpec: metricName={} targetSize={} targetSizeFloat={}",
+        first.metric_name, first.target_size, first.target_size_float
+    );
+    let metrics = client
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object.clone()),
+            metric_name: first.metric_name.clone(),
+        })
+        .await
+        .context("GetMetrics")?
+        .into_inner();
+    for v in &metrics.metric_values {
+        println!(
+            "GetMetrics:    metricName={} metricValue={} metricValueFloat={}",
+            v.metric_name, v.metric_value, v.metric_value_float
+        );
+    }
+    let active = client
+        .is_active(object)
+        .await
+        .context("IsActive")?
+        .into_inner();
+    println!("IsActive:      result={}", active.result);
+    Ok(())
+}

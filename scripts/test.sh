@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests need (idempotent,
+# cached in git-ignored folders), builds, runs the Rust tests and the cross-stack Python tests.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+ensure_rust
+ensure_venv
+
+log "building"
+cargo build --locked --all-targets
+
+log "Rust tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --locked --doc
+else
+  cargo test --locked --no-fail-fast
+fi
+
+log "Python (grpcio) wire tests against the built binary"
+RPA_BINARY="$ROOT/target/debug/runpod-autoscaler" "$ROOT/.venv/bin/python" -m pytest -q tests/python
+
+log "checking the example configuration and the simulator CLI"
+./target/debug/runpod-autoscaler check-config examples/static.toml
+./target/debug/runpod-autoscaler simulate --trace benches/traces/single_spike.csv --policy all >/dev/null

@@ -1,0 +1,136 @@
+//! Parsing of a trigger's `scalerMetadata` into a [`Trigger`]. Every problem names the key.
+
+use std::collections::HashMap;
+
+use super::ScalerError;
+
+/// Metric name used when the trigger sets none.
+pub const DEFAULT_METRIC_NAME: &str = "gpu-demand";
+
+/// What value a trigger reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// GPU workers the planner wants (baseline + RunPod), from the latest snapshot.
+    GpuDemand,
+}
+
+impl Source {
+    const NAMES: &'static str = "gpu-demand";
+
+    fn parse(s: &str) -> Option<Source> {
+        match s {
+            "" | "gpu-demand" => Some(Source::GpuDemand),
+            _ => None,
+        }
+    }
+}
+
+/// One KEDA trigger, as its metadata configures it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trigger {
+    /// Name of the metric (KEDA prefixes it with `s{i}-` on the HPA side).
+    pub metric_name: String,
+    /// Target value per replica (`targetSize`, > 0).
+    pub target: f64,
+    /// Active iff value > this (`activationThreshold`, ≥ 0).
+    pub activation_threshold: f64,
+    /// What value to read.
+    pub source: Source,
+}
+
+impl Trigger {
+    /// Parses KEDA's `scalerMetadata` map.
+    pub fn parse(metadata: &HashMap<String, String>) -> Result<Trigger, ScalerError> {
+        let source = match metadata.get("scaler").map(|s| s.trim()) {
+            None => Source::GpuDemand,
+            Some(name) => Source::parse(name).ok_or_else(|| ScalerError::InvalidMetadata {
+                key: "scaler",
+                problem: format!("unknown scaler {name:?}"),
+                fix: format!("use one of: {}", Source::NAMES),
+            })?,
+        };
+        let metric_name = match metadata.get("metricName").map(|s| s.trim()) {
+            None | Some("") => DEFAULT_METRIC_NAME.to_owned(),
+            Some(name) => name.to_owned(),
+        };
+        let target = number(metadata, "targetSize", 1.0)?;
+        if target <= 0.0 {
+            return Err(ScalerError::InvalidMetadata {
+                key: "targetSize",
+                problem: format!("{target} is not above zero"),
+                fix: "set a positive target per replica, e.g. \"1\" or \"0.5\"".into(),
+            });
+        }
+        let activation_threshold = number(metadata, "activationThreshold", 0.0)?;
+        Ok(Trigger {
+            metric_name,
+            target,
+            activation_threshold,
+            source,
+        })
+    }
+}
+
+/// A finite, non-negative number under `key`, or `default` when absent.
+fn number(
+    metadata: &HashMap<String, String>,
+    key: &'static str,
+    default: f64,
+) -> Result<f64, ScalerError> {
+    let Some(raw) = metadata.get(key) else {
+        return Ok(default);
+    };
+    let value: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| ScalerError::InvalidMetadata {
+            key,
+            problem: format!("{raw:?} is not a number"),
+            fix: "set a decimal number such as \"2\" or \"0.5\"".into(),
+        })?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(ScalerError::InvalidMetadata {
+            key,
+            problem: format!("{raw:?} is negative or not finite"),
+            fix: "set a finite number ≥ 0".into(),
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let t = Trigger::parse(&meta(&[("scalerAddress", "x:9090")])).unwrap();
+        assert_eq!(t.metric_name, "gpu-demand");
+        assert_eq!(t.target, 1.0);
+        assert_eq!(t.activation_threshold, 0.0);
+        assert_eq!(t.source, Source::GpuDemand);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (pairs, key) in [
+            (vec![("targetSize", "abc")], "targetSize"),
+            (vec![("targetSize", "-1")], "targetSize"),
+            (vec![("targetSize", "0")], "targetSize"),
+            (vec![("targetSize", "NaN")], "targetSize"),
+            (vec![("activationThreshold", "-0.5")], "activationThreshold"),
+            (vec![("activationThreshold", "inf")], "activationThreshold"),
+            (vec![("scaler", "kafkaa")], "scaler"),
+        ] {
+            let err = Trigger::parse(&meta(&pairs)).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The KEDA external scaler (`externalscaler.ExternalScaler` over tonic). It answers from the
+//! latest published [`Snapshot`] and never blocks on Kafka, Prometheus or RunPod. It also
+//! serves the standard `grpc.health.v1` service and, when configured, TLS or mutual TLS.
+
+mod metadata;
+
+pub use metadata::{Source, Trigger, DEFAULT_METRIC_NAME};
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::proto::external_scaler_server::{ExternalScaler, ExternalScalerServer};
+use crate::proto::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+use crate::snapshot::{Snapshot, SnapshotReceiver};
+use crate::telemetry::Metrics;
+
+/// Why a scaler request cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ScalerError {
+    /// The trigger's metadata is wrong.
+    #[error("scalerMetadata.{key}: {problem}; {fix}")]
+    InvalidMetadata {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+    /// No tick has completed yet.
+    #[error("no plan yet: the autoscaler has not completed its first tick; retry shortly")]
+    NotReady,
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<ScalerError> for Status {
+    fn from(e: ScalerError) -> Status {
+        match e {
+            ScalerError::InvalidMetadata { .. } => Status::invalid_argument(e.to_string()),
+            ScalerError::NotReady => Status::unavailable(e.to_string()),
+            ScalerError::Tls(_) | ScalerError::Transport(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// PEM material for the server's TLS.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// Certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Private key.
+    pub key_pem: Vec<u8>,
+    /// Client CA: when set, clients must present a certificate signed by it.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("key_pem", &"[redacted]")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// The `ExternalScaler` implementation.
+#[derive(Clone)]
+pub struct ScalerService {
+    snapshots: SnapshotReceiver,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl ScalerService {
+    /// A service answering from `snapshots`; open streams end when `shutdown` fires.
+    pub fn new(
+        snapshots: SnapshotReceiver,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ScalerService {
+            snapshots,
+            shutdown,
+            metrics,
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Counts the request and converts errors.
+    fn answer<T>(
+        &self,
+        method: &'static str,
+        result: Result<T, ScalerError>,
+    ) -> Result<Response<T>, Status> {
+        let result = result.map(Response::new).map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.grpc_request(method, code);
+        result
+    }
+}
+
+/// The value a trigger reads from a snapshot: finite and non-negative.
+fn value_of(trigger: &Trigger, snapshot: &Snapshot) -> f64 {
+    let v = match trigger.source {
+        Source::GpuDemand => snapshot.gpu_demand(),
+    };
+    if v.is_finite() && v > 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// Integer form KEDA falls back to when the float is 0: the ceiling, saturated.
+fn ceil_i64(v: f64) -> i64 {
+    // `as` saturates for out-of-range floats, which is the intent for huge values.
+    v.ceil() as i64
+}
+
+fn metadata_of(r: &ScaledObjectRef) -> Result<Trigger, ScalerError> {
+    Trigger::parse(&r.scaler_metadata)
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalScaler for ScalerService {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let result = metadata_of(request.get_ref()).and_then(|trigger| {
+            let snapshot = self.current().ok_or(ScalerError::NotReady)?;
+            Ok(IsActiveResponse {
+                result: value_of(&trigger, &snapshot) > trigger.activation_threshold,
+            })
+        });
+        self.answer("IsActive", result)
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let trigger = match metadata_of(request.get_ref()) {
+            Ok(t) => t,
+            Err(e) => return self.answer("StreamIsActive", Err(e)),
+        };
+        // One message in flight is plenty: only transitions are sent.
+        let (tx, rx) = mpsc::channel(2);
+        let mut snapshots = self.snapshots.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let active_now = |s: &Option<Arc<Snapshot>>| {
+                s.as_ref()
+                    .is_some_and(|s| value_of(&trigger, s) > trigger.activation_threshold)
+            };
+            let mut was_active = active_now(&snapshots.borrow_and_update());
+            if tx
+                .send(Ok(IsActiveResponse { result: was_active }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    // Ending the stream (dropping `tx`) closes it with status OK.
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let active = active_now(&snapshots.borrow_and_update());
+                        if active && !was_active
+                            && tx.send(Ok(IsActiveResponse { result: true })).await.is_err()
+                        {
+                            return;
+                        }
+                        was_active = active;
+                    }
+                }
+            }
+        });
+        let stream: ActiveStream = Box::pin(ReceiverStream::new(rx));
+        self.answer("StreamIsActive", Ok(stream))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let result = metadata_of(request.get_ref()).map(|t| GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: t.metric_name,
+                target_size: ceil_i64(t.target),
+                target_size_float: t.target,
+            }],
+        });
+        self.answer("GetMetricSpec", result)
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let req = request.get_ref();
+        let empty = ScaledObjectRef::default();
+        let result = metadata_of(req.scaled_object_ref.as_ref().unwrap_or(&empty)).and_then(|t| {
+            let snapshot = self.current().ok_or(ScalerError::NotReady)?;
+            let value = value_of(&t, &snapshot);
+            let metric_name = if req.metric_name.is_empty() {
+                t.metric_name
+            } else {
+                req.metric_name.clone()
+            };
+            Ok(GetMetricsResponse {
+                metric_values: vec![MetricValue {
+                    metric_name,
+                    metric_value: ceil_i64(value),
+                    metric_value_float: value,
+                }],
+            })
+        });
+        self.answer("GetMetrics", result)
+    }
+}
+
+/// Serves the scaler and `grpc.health.v1` on `listener` until `shutdown` fires. Health turns
+/// SERVING once the first snapshot is published.
+pub async fn serve(
+    listener: TcpListener,
+    service: ScalerService,
+    tls: Option<TlsMaterial>,
+) -> Result<(), ScalerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<ExternalScalerServer<ScalerService>>()
+        .await;
+    let shutdown = service.shutdown.clone();
+    let mut snapshots = service.snapshots.clone();
+    let watcher_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let ready = tokio::select! {
+            _ = watcher_shutdown.cancelled() => false,
+            ready = snapshots.wait_for(Option::is_some) => ready.is_ok(),
+        };
+        if ready {
+            health
+                .set_serving::<ExternalScalerServer<ScalerService>>()
+                .await;
+        }
+    });
+
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(tls.cert_pem, tls.key_pem));
+        if let Some(ca) = tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| ScalerError::Tls(e.to_string()))?;
+    }
+    builder
+        .add_service(health_service)
+        .add_service(ExternalScalerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! The shared board where samplers post signal samples and the tick loop reads them.
+//! A std mutex guards it; it is never held across an `.await`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::model::Timestamp;
+use crate::signals::{Sample, Series, SignalError, SignalKind, Signals};
+use crate::snapshot::SignalStatus;
+
+#[derive(Debug, Default, Clone)]
+struct Health {
+    failures: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    signals: Signals,
+    queue: Health,
+    latency: Health,
+}
+
+/// Latest samples and poll health of every signal.
+#[derive(Debug)]
+pub struct SignalBoard {
+    inner: Mutex<Inner>,
+}
+
+impl SignalBoard {
+    /// A board for the queue signal and, when `with_latency`, the latency signal; samples are
+    /// kept for `retention`.
+    pub fn new(poll_interval: Duration, retention: Duration, with_latency: bool) -> Self {
+        SignalBoard {
+            inner: Mutex::new(Inner {
+                signals: Signals {
+                    queue: Series::new(poll_interval, retention),
+                    latency: with_latency.then(|| Series::new(poll_interval, retention)),
+                },
+                queue: Health::default(),
+                latency: Health::default(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the data half-written (every update is a
+        // single push or assignment), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one poll result taken at `now`.
+    pub fn record(&self, kind: SignalKind, result: &Result<f64, SignalError>, now: Timestamp) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let (series, health) = match kind {
+            SignalKind::QueueLag => (Some(&mut inner.signals.queue), &mut inner.queue),
+            SignalKind::LatencyP95 => (inner.signals.latency.as_mut(), &mut inner.latency),
+        };
+        match result {
+            Ok(value) => {
+                let kept = series.is_some_and(|s| {
+                    s.push(Sample {
+                        value: *value,
+                        observed_at: now,
+                    })
+                });
+                if kept {
+                    health.last_error = None;
+                } else {
+                    health.failures += 1;
+                    health.last_error = Some(format!("unusable value {value}"));
+                }
+            }
+            Err(e) => {
+                health.failures += 1;
+                health.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    /// A copy of the current signals for the planner.
+    pub fn signals(&self) -> Signals {
+        self.lock().signals.clone()
+    }
+
+    /// Health of every configured signal at `now`.
+    pub fn status(&self, now: Timestamp, stale_after_intervals: u32) -> Vec<SignalStatus> {
+        let inner = self.lock();
+        let mut out = Vec::with_capacity(2);
+        let entries = [
+            (
+                SignalKind::QueueLag,
+                Some(&inner.signals.queue),
+                &inner.queue,
+            ),
+            (
+                SignalKind::LatencyP95,
+                inner.signals.latency.as_ref(),
+                &inner.latency,
+            ),
+        ];
+        for (signal, series, health) in entries {
+            let Some(series) = series else { continue };
+            out.push(SignalStatus {
+                signal,
+                value: series.latest().map(|s| s.value),
+                age: series.age(now),
+                fresh: series.is_fresh(now, stale_after_intervals),
+                failures: health.failures,
+                last_error: health.last_error.clone(),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,459 @@
+//! Trace simulator: replays a workload trace through the same pure planner
+//! ([`crate::decide::decide`]) that runs in production, with a simulated clock and a simple pod
+//! model, and reports what each policy would have cost and how often it missed the SLO.
+//!
+//! The model, stepped every [`SimParams::tick`] from the first row's time to the end of the last
+//! row's interval:
+//!
+//! * **Arrivals.** Each row's `arriving_jobs` are spread uniformly over its interval and join a
+//!   fluid queue (fractional jobs).
+//! * **Capacity.** Baseline GPUs plus the GPUs of running pods each serve
+//!   [`SimParams::jobs_per_gpu_per_minute`]. Work goes to the baseline first, then to pods in
+//!   creation order; a pod that served anything in a tick counts as busy at that tick.
+//! * **Pods.** A launch creates a pod that boots for [`SimParams::boot_delay`] (no capacity, but
+//!   billed) and then runs; a terminate removes it at once. Every existing pod costs its `$/h`.
+//! * **Signals.** At each tick the planner sees the queue backlog (jobs arrived and not yet
+//!   served) and a modeled p95 latency: the service-time p95 (the trace's `p95_s`, else
+//!   [`SimParams::service_seconds`]) plus the time the backlog takes to drain at the current
+//!   capacity. Both go through [`crate::signals::Series`], exactly as in production.
+//! * **SLO.** A wall-clock minute (counted from trace start) is a violation minute when the
+//!   modeled p95 of any tick in it is above the policy's `slo_p95_seconds`.
+//!
+//! Each tick: observe → `decide` → apply the plan → serve work → accrue cost → record the SLO.
+//! Everything is pure and deterministic: no wall clock, no randomness.
+
+mod trace;
+
+#[cfg(test)]
+mod tests;
+
+pub use trace::{Trace, TraceError};
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::decide::{decide, ClusterView, PodTemplate, PodView, Policy, PolicyKind, Step};
+use crate::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
+use crate::signals::{Sample, Series, Signals};
+
+/// Modeled queue wait when work is waiting and nothing can serve it (seconds).
+const NO_CAPACITY_WAIT_S: f64 = 3600.0;
+/// Served work below this many jobs does not make a pod busy (float dust).
+const BUSY_EPSILON: f64 = 1e-9;
+
+/// Knobs of the simulated world (not of the policy).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimParams {
+    /// Simulated time between two planner runs (default 15 s; below 1 ms counts as 1 ms).
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// Time from launch until a pod serves work (default 120 s). It bills while booting.
+    #[serde(with = "humantime_serde")]
+    pub boot_delay: Duration,
+    /// Jobs one GPU finishes per minute (default 4.0; negative or non-finite counts as 0).
+    pub jobs_per_gpu_per_minute: f64,
+    /// Service-time p95 in seconds when the trace has no `p95_s` for a row (default 10.0;
+    /// negative or non-finite counts as 0).
+    pub service_seconds: f64,
+    /// GPU workers of the always-on local baseline (default 2, a small local pool).
+    pub baseline_gpus: u32,
+}
+
+impl Default for SimParams {
+    fn default() -> Self {
+        SimParams {
+            tick: Duration::from_secs(15),
+            boot_delay: Duration::from_secs(120),
+            jobs_per_gpu_per_minute: 4.0,
+            service_seconds: 10.0,
+            baseline_gpus: 2,
+        }
+    }
+}
+
+/// The reference policy for comparisons when no configuration is given: the target policy,
+/// 0 to 20 one-GPU `NVIDIA RTX A5000` pods at $0.26/h, at most $12/h and 5 launches per tick,
+/// 20 jobs of lag per GPU, a 60 s p95 SLO with 1-GPU latency steps, 300 s scale-down
+/// stabilization and idle timeout, 180 s warm-up grace, stale after 3 intervals. Change `kind`
+/// to compare policies.
+pub fn default_policy() -> Policy {
+    Policy {
+        kind: PolicyKind::Target,
+        min_pods: 0,
+        max_pods: 20,
+        max_usd_per_hour: Usd(12.0),
+        max_launches_per_tick: 5,
+        pod: PodTemplate {
+            gpu_type: GpuTypeId::from("NVIDIA RTX A5000"),
+            gpus: 1,
+            usd_per_hour: Usd(0.26),
+        },
+        lag_per_gpu: 20.0,
+        slo_p95_seconds: 60.0,
+        latency_step_gpus: 1,
+        scale_down_stabilization: Duration::from_secs(300),
+        idle_timeout: Duration::from_secs(300),
+        warmup_grace: Duration::from_secs(180),
+        stale_after_intervals: 3,
+    }
+}
+
+/// The outcome of replaying one trace with one policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimReport {
+    /// The policy that decided.
+    pub policy: PolicyKind,
+    /// Dollars spent on RunPod pods (booting ones included).
+    pub total_usd: f64,
+    /// Wall-clock minutes in which the modeled p95 was above the SLO at least once.
+    pub slo_violation_minutes: u64,
+    /// Pods launched.
+    pub pod_creations: u64,
+    /// Most pods existing at the same time.
+    pub peak_pods: u32,
+    /// Jobs the trace brought.
+    pub jobs_arrived: f64,
+    /// Jobs served by the end of the trace.
+    pub jobs_completed: f64,
+    /// Largest backlog (jobs waiting) at the end of any tick.
+    pub max_queue: f64,
+    /// Simulated time, in minutes.
+    pub duration_minutes: f64,
+}
+
+/// One simulated tick, for tests.
+#[derive(Debug, Clone, PartialEq)]
+struct TickRecord {
+    /// Tick start.
+    at: Timestamp,
+    /// Backlog the planner saw.
+    queue_observed: f64,
+    /// Modeled p95 the planner saw (seconds).
+    p95_seconds: f64,
+    /// Pods launched by this tick's plan.
+    launched: usize,
+    /// Pods existing after the plan.
+    pods: usize,
+    /// GPUs of running pods while serving.
+    running_gpus: u32,
+    /// Spend rate of existing pods after the plan.
+    usd_per_hour: f64,
+    /// Jobs served by the baseline.
+    served_baseline: f64,
+    /// Jobs served by pods.
+    served_pods: f64,
+    /// Backlog after serving.
+    queue_after: f64,
+}
+
+/// A simulated RunPod pod.
+#[derive(Debug, Clone)]
+struct SimPod {
+    id: PodId,
+    state: PodState,
+    gpus: u32,
+    usd_per_hour: Usd,
+    created_at: Timestamp,
+    last_busy_at: Option<Timestamp>,
+}
+
+impl SimPod {
+    fn view(&self) -> PodView {
+        PodView {
+            id: self.id.clone(),
+            state: self.state.clone(),
+            gpus: self.gpus,
+            usd_per_hour: self.usd_per_hour,
+            created_at: self.created_at,
+            last_busy_at: self.last_busy_at,
+            draining: false,
+        }
+    }
+}
+
+/// Walks the trace's rows forward as the simulated clock advances.
+struct Cursor<'a> {
+    trace: &'a Trace,
+    next: usize,
+}
+
+impl Cursor<'_> {
+    /// Skips rows that end at or before `t`.
+    fn skip_to(&mut self, t: u64) {
+        while self.next < self.trace.rows.len() && self.trace.row_end_ms(self.next) <= t {
+            self.next += 1;
+        }
+    }
+
+    /// The service-time p95 the trace gives for the row containing `t`, if any.
+    fn p95_at(&mut self, t: u64) -> Option<f64> {
+        self.skip_to(t);
+        self.trace
+            .rows
+            .get(self.next)
+            .filter(|r| r.time_ms <= t)
+            .and_then(|r| r.p95_s)
+    }
+
+    /// Jobs arriving in `[from, to)`, each row's spread uniformly over its interval.
+    fn arrivals(&mut self, from: u64, to: u64) -> f64 {
+        self.skip_to(from);
+        let mut jobs = 0.0;
+        let mut i = self.next;
+        while let Some(row) = self.trace.rows.get(i) {
+            if row.time_ms >= to {
+                break;
+            }
+            let end = self.trace.row_end_ms(i);
+            let lo = from.max(row.time_ms);
+            let hi = to.min(end);
+            let length = end.saturating_sub(row.time_ms);
+            if hi > lo && length > 0 {
+                jobs += row.arriving_jobs * ((hi - lo) as f64 / length as f64);
+            }
+            i += 1;
+        }
+        jobs
+    }
+}
+
+/// Replays `trace` through [`crate::decide::decide`] with `policy`; see the module
+/// documentation for the model. Pure and deterministic.
+pub fn simulate(trace: &Trace, policy: &Policy, params: &SimParams) -> SimReport {
+    run(trace, policy, params).0
+}
+
+/// Non-negative finite, else 0.
+fn sane(x: f64) -> f64 {
+    if x.is_finite() && x > 0.0 {
+        x
+    } else {
+        0.0
+    }
+}
+
+/// [`simulate`], also returning the per-tick timeline.
+fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<TickRecord>) {
+    let tick_ms = u64::try_from(params.tick.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let tick = Duration::from_millis(tick_ms);
+    let per_gpu_per_s = sane(params.jobs_per_gpu_per_minute) / 60.0;
+    let service_s = sane(params.service_seconds);
+    let baseline = params.baseline_gpus;
+    let start_ms = trace.start_ms();
+    let end_ms = trace.end_ms();
+
+    // Retention covers the stabilization window plus a margin of a few ticks.
+    let retention = policy
+        .scale_down_stabilization
+        .saturating_add(tick.saturating_mul(4))
+        .saturating_add(Duration::from_secs(60));
+    let mut signals = Signals {
+        queue: Series::new(tick, retention),
+        latency: Some(Series::new(tick, retention)),
+    };
+
+    let mut cursor = Cursor { trace, next: 0 };
+    let mut pods: Vec<SimPod> = Vec::new();
+    let mut next_pod = 0u64;
+    let mut queue = 0.0_f64;
+    let mut timeline = Vec::new();
+    let mut report = SimReport {
+        policy: policy.kind,
+        total_usd: 0.0,
+        slo_violation_minutes: 0,
+        pod_creations: 0,
+        peak_pods: 0,
+        jobs_arrived: 0.0,
+        jobs_completed: 0.0,
+        max_queue: 0.0,
+        duration_minutes: end_ms.saturating_sub(start_ms) as f64 / 60_000.0,
+    };
+    let mut last_violation_minute: Option<u64> = None;
+
+    let boot = |pods: &mut Vec<SimPod>, now: Timestamp| {
+        for pod in pods.iter_mut() {
+            if pod.state == PodState::Provisioning && now >= pod.created_at.plus(params.boot_delay)
+            {
+                pod.state = PodState::Running;
+            }
+        }
+    };
+    let running_gpus = |pods: &[SimPod]| -> u32 {
+        pods.iter()
+            .filter(|p| p.state == PodState::Running)
+            .map(|p| p.gpus)
+            .fold(0u32, u32::saturating_add)
+    };
+
+    let mut t = start_ms;
+    while t < end_ms {
+        let now = Timestamp::from_millis(t);
+        let dt_ms = tick_ms.min(end_ms - t);
+        let dt_s = dt_ms as f64 / 1000.0;
+
+        // Observe.
+        boot(&mut pods, now);
+        let queue_observed = queue;
+        let capacity_per_s =
+            f64::from(baseline.saturating_add(running_gpus(&pods))) * per_gpu_per_s;
+        let wait_s = if queue <= 0.0 {
+            0.0
+        } else if capacity_per_s <= 0.0 {
+            NO_CAPACITY_WAIT_S
+        } else {
+            queue / capacity_per_s
+        };
+        let p95 = cursor.p95_at(t).unwrap_or(service_s) + wait_s;
+        signals.queue.push(Sample {
+            value: queue,
+            observed_at: now,
+        });
+        if let Some(latency) = signals.latency.as_mut() {
+            latency.push(Sample {
+                value: p95,
+                observed_at: now,
+            });
+        }
+
+        // Decide and apply.
+        let view = ClusterView {
+            synced: true,
+            baseline_gpus: baseline,
+            pods: pods.iter().map(SimPod::view).collect(),
+        };
+        let plan = decide(&view, &signals, policy, now);
+        let mut launched = 0;
+        for step in plan.steps {
+            match step {
+                Step::Launch {
+                    gpus, usd_per_hour, ..
+                } => {
+                    next_pod += 1;
+                    launched += 1;
+                    report.pod_creations += 1;
+                    pods.push(SimPod {
+                        id: PodId(format!("sim-{next_pod}")),
+                        state: PodState::Provisioning,
+                        gpus,
+                        usd_per_hour,
+                        created_at: now,
+                        last_busy_at: None,
+                    });
+                }
+                Step::Terminate { pod, .. } => pods.retain(|p| p.id != pod),
+            }
+        }
+        boot(&mut pods, now);
+        let existing = u32::try_from(pods.len()).unwrap_or(u32::MAX);
+        report.peak_pods = report.peak_pods.max(existing);
+
+        // Serve: arrivals join the queue, the baseline serves first, then pods in creation order.
+        let arrived = cursor.arrivals(t, t + dt_ms);
+        report.jobs_arrived += arrived;
+        queue += arrived;
+        let per_gpu_tick = per_gpu_per_s * dt_s;
+        let served_baseline = queue.min(f64::from(baseline) * per_gpu_tick);
+        queue -= served_baseline;
+        let mut served_pods = 0.0;
+        for pod in pods.iter_mut().filter(|p| p.state == PodState::Running) {
+            let served = queue.min(f64::from(pod.gpus) * per_gpu_tick);
+            if served > BUSY_EPSILON {
+                pod.last_busy_at = Some(now);
+            }
+            queue -= served;
+            served_pods += served;
+        }
+        queue = queue.max(0.0);
+        report.jobs_completed += served_baseline + served_pods;
+        report.max_queue = report.max_queue.max(queue);
+
+        // Cost.
+        let usd_per_hour: f64 = pods.iter().map(|p| p.usd_per_hour.dollars()).sum();
+        report.total_usd += usd_per_hour * dt_s / 3600.0;
+
+        // SLO.
+        if p95 > policy.slo_p95_seconds {
+            let minute = (t - start_ms) / 60_000;
+            if last_violation_minute != Some(minute) {
+                last_violation_minute = Some(minute);
+                report.slo_violation_minutes += 1;
+            }
+        }
+
+        timeline.push(TickRecord {
+            at: now,
+            queue_observed,
+            p95_seconds: p95,
+            launched,
+            pods: pods.len(),
+            running_gpus: running_gpus(&pods),
+            usd_per_hour,
+            served_baseline,
+            served_pods,
+            queue_after: queue,
+        });
+        t = t.saturating_add(tick_ms);
+    }
+    (report, timeline)
+}
+
+/// A side-by-side text table: one row per trace and policy, columns aligned.
+pub fn render_table(reports: &[(String, Vec<SimReport>)]) -> String {
+    const HEADER: [&str; 10] = [
+        "trace",
+        "policy",
+        "total $",
+        "SLO-viol min",
+        "pod creations",
+        "peak pods",
+        "jobs arrived",
+        "jobs done",
+        "max queue",
+        "minutes",
+    ];
+    let mut rows: Vec<[String; 10]> = vec![HEADER.map(str::to_owned)];
+    for (name, list) in reports {
+        for r in list {
+            rows.push([
+                name.clone(),
+                r.policy.to_string(),
+                format!("{:.2}", r.total_usd),
+                r.slo_violation_minutes.to_string(),
+                r.pod_creations.to_string(),
+                r.peak_pods.to_string(),
+                format!("{:.0}", r.jobs_arrived),
+                format!("{:.0}", r.jobs_completed),
+                format!("{:.1}", r.max_queue),
+                format!("{:.0}", r.duration_minutes),
+            ]);
+        }
+    }
+    let mut widths = [0usize; 10];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            // Text columns (trace, policy) align left, numbers right.
+            if i < 2 {
+                let _ = write!(line, "{cell:<w$}");
+            } else {
+                let _ = write!(line, "{cell:>w$}");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

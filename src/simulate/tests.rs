@@ -1,0 +1,566 @@
+//! Tests of trace parsing and of the simulated world.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::*;
+
+fn policy(kind: PolicyKind) -> Policy {
+    Policy {
+        kind,
+        ..default_policy()
+    }
+}
+
+fn params(baseline_gpus: u32) -> SimParams {
+    SimParams {
+        baseline_gpus,
+        ..SimParams::default()
+    }
+}
+
+fn parse(text: &str) -> Result<Trace, TraceError> {
+    Trace::from_reader(text.as_bytes())
+}
+
+/// A per-minute trace (no p95 column) with `rate(minute)` jobs per minute.
+fn per_minute(minutes: u64, rate: impl Fn(u64) -> f64) -> Trace {
+    let mut csv = String::from("time_s,arriving_jobs\n");
+    for m in 0..minutes {
+        let _ = writeln!(csv, "{},{}", m * 60, rate(m));
+    }
+    match parse(&csv) {
+        Ok(t) => t,
+        Err(e) => panic!("test trace does not parse: {e}"),
+    }
+}
+
+/// 3 h at 5 jobs/min with 200 jobs/min for 20 minutes from minute 60.
+fn single_spike() -> Trace {
+    per_minute(180, |m| if (60..80).contains(&m) { 200.0 } else { 5.0 })
+}
+
+/// 6 h at 6 jobs/min with bursts of 60-150 jobs/min lasting 3-15 minutes.
+fn bursty_like() -> Trace {
+    const BURSTS: [(u64, u64, f64); 8] = [
+        (20, 32, 100.0),
+        (55, 58, 150.0),
+        (90, 105, 60.0),
+        (130, 137, 120.0),
+        (170, 180, 90.0),
+        (215, 219, 140.0),
+        (260, 274, 75.0),
+        (310, 318, 110.0),
+    ];
+    per_minute(360, |m| {
+        BURSTS
+            .iter()
+            .find(|(from, to, _)| (*from..*to).contains(&m))
+            .map_or(6.0, |b| b.2)
+    })
+}
+
+// ---- parsing ----
+
+#[test]
+fn parses_a_trace_with_p95() {
+    let t = parse("time_s,arriving_jobs,p95_s\n0,10,9.5\n60, 12.5 ,\n120,0,11\n").unwrap();
+    assert_eq!(
+        t.rows,
+        vec![
+            trace::TraceRow {
+                time_ms: 0,
+                arriving_jobs: 10.0,
+                p95_s: Some(9.5)
+            },
+            trace::TraceRow {
+                time_ms: 60_000,
+                arriving_jobs: 12.5,
+                p95_s: None
+            },
+            trace::TraceRow {
+                time_ms: 120_000,
+                arriving_jobs: 0.0,
+                p95_s: Some(11.0)
+            },
+        ]
+    );
+    assert_eq!(t.end_ms(), 180_000);
+}
+
+#[test]
+fn parses_a_trace_without_p95_and_with_extra_columns_in_any_order() {
+    let t = parse("note,arriving_jobs,time_s\nx,3,0.5\ny,4,30\n").unwrap();
+    assert_eq!(t.rows.len(), 2);
+    assert_eq!(t.rows[0].time_ms, 500);
+    assert_eq!(t.rows[1].arriving_jobs, 4.0);
+    assert!(t.rows.iter().all(|r| r.p95_s.is_none()));
+    // The last row lasts as long as the one before it.
+    assert_eq!(t.end_ms(), 59_500);
+}
+
+#[test]
+fn a_single_row_lasts_one_minute() {
+    let t = parse("time_s,arriving_jobs\n0,6\n").unwrap();
+    let r = simulate(&t, &policy(PolicyKind::Target), &params(2));
+    assert_eq!(r.duration_minutes, 1.0);
+    assert!((r.jobs_arrived - 6.0).abs() < 1e-9);
+}
+
+#[test]
+fn bad_input_is_a_typed_error_naming_line_and_column() {
+    type Check = dyn Fn(&TraceError) -> bool;
+    let column = |c: &'static str| move |e: &TraceError| matches!(e, TraceError::BadValue { column, .. } if column == c);
+    let cases: Vec<(&str, &str, Option<u64>, Box<Check>)> = vec![
+        (
+            "empty file",
+            "",
+            None,
+            Box::new(|e| matches!(e, TraceError::Empty)),
+        ),
+        (
+            "header only",
+            "time_s,arriving_jobs\n",
+            None,
+            Box::new(|e| matches!(e, TraceError::Empty)),
+        ),
+        (
+            "missing arriving_jobs",
+            "time_s,jobs\n0,1\n",
+            Some(1),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    TraceError::MissingColumn {
+                        column: "arriving_jobs",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            "no header at all",
+            "0,1\n60,2\n",
+            Some(1),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    TraceError::MissingColumn {
+                        column: "time_s",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            "negative jobs",
+            "time_s,arriving_jobs\n0,1\n60,-2\n",
+            Some(3),
+            Box::new(column("arriving_jobs")),
+        ),
+        (
+            "NaN time",
+            "time_s,arriving_jobs\n0,1\nNaN,2\n",
+            Some(3),
+            Box::new(column("time_s")),
+        ),
+        (
+            "negative time",
+            "time_s,arriving_jobs\n-1,1\n",
+            Some(2),
+            Box::new(column("time_s")),
+        ),
+        (
+            "infinite p95",
+            "time_s,arriving_jobs,p95_s\n0,1,inf\n",
+            Some(2),
+            Box::new(column("p95_s")),
+        ),
+        (
+            "negative p95",
+            "time_s,arriving_jobs,p95_s\n0,1,2\n60,1,-3\n",
+            Some(3),
+            Box::new(column("p95_s")),
+        ),
+        (
+            "not a number",
+            "time_s,arriving_jobs\n0,1\n60,lots\n",
+            Some(3),
+            Box::new(column("arriving_jobs")),
+        ),
+        (
+            "empty required cell",
+            "time_s,arriving_jobs\n0,1\n,2\n",
+            Some(3),
+            Box::new(column("time_s")),
+        ),
+        (
+            "equal times",
+            "time_s,arriving_jobs\n0,1\n60,1\n60,1\n",
+            Some(4),
+            Box::new(|e| matches!(e, TraceError::NotIncreasing { .. })),
+        ),
+        (
+            "decreasing times",
+            "time_s,arriving_jobs\n0,1\n60,1\n30,1\n",
+            Some(4),
+            Box::new(|e| matches!(e, TraceError::NotIncreasing { .. })),
+        ),
+        (
+            "times equal to the millisecond",
+            "time_s,arriving_jobs\n0,1\n0.0001,1\n",
+            Some(3),
+            Box::new(|e| matches!(e, TraceError::NotIncreasing { .. })),
+        ),
+        (
+            "too many cells",
+            "time_s,arriving_jobs\n0,1\n60,1,5\n",
+            Some(3),
+            Box::new(|e| matches!(e, TraceError::Malformed { .. })),
+        ),
+    ];
+    for (name, text, line, check) in cases {
+        let err = match parse(text) {
+            Ok(t) => panic!("{name}: parsed {t:?}"),
+            Err(e) => e,
+        };
+        assert!(check(&err), "{name}: wrong error {err:?}");
+        assert_eq!(err.line(), line, "{name}: {err}");
+        let message = err.to_string();
+        if let Some(line) = line {
+            assert!(
+                message.starts_with(&format!("line {line}")),
+                "{name}: {message}"
+            );
+        }
+        if let TraceError::BadValue { column, .. } = &err {
+            assert!(
+                message.contains(&format!("`{column}`")),
+                "{name}: {message}"
+            );
+            assert!(
+                message.contains("write"),
+                "{name}: says what to fix: {message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn invalid_utf8_bytes_are_an_error_not_a_panic() {
+    let bytes: &[u8] = b"time_s,arriving_jobs\n0,1\n60,\xff\xfe\n";
+    let err = Trace::from_reader(bytes).unwrap_err();
+    assert_eq!(err.line(), Some(3), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_an_io_error_naming_the_path() {
+    let err = Trace::from_path(std::path::Path::new("/nonexistent/trace.csv")).unwrap_err();
+    assert!(matches!(err, TraceError::Io { .. }));
+    assert!(err.to_string().contains("/nonexistent/trace.csv"), "{err}");
+}
+
+#[test]
+fn committed_traces_parse() {
+    let cases = [
+        (
+            include_str!("../../benches/traces/steady_diurnal.csv"),
+            1440,
+            true,
+        ),
+        (include_str!("../../benches/traces/bursty.csv"), 360, false),
+        (
+            include_str!("../../benches/traces/single_spike.csv"),
+            180,
+            false,
+        ),
+    ];
+    for (text, rows, has_p95) in cases {
+        let t = parse(text).unwrap();
+        assert_eq!(t.rows.len(), rows);
+        assert_eq!(t.end_ms(), rows as u64 * 60_000);
+        assert!(t.rows.iter().all(|r| r.p95_s.is_some() == has_p95));
+    }
+}
+
+// ---- simulation ----
+
+#[test]
+fn arrivals_are_conserved_and_partial_ticks_count() {
+    // 100 s of trace with a 15 s tick: the last tick is 10 s long.
+    let t = parse("time_s,arriving_jobs\n0,30\n50,20\n").unwrap();
+    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(1));
+    assert_eq!(timeline.len(), 7);
+    assert!((r.jobs_arrived - 50.0).abs() < 1e-9, "{r:?}");
+    let left = timeline.last().map_or(0.0, |t| t.queue_after);
+    assert!(
+        (r.jobs_completed + left - r.jobs_arrived).abs() < 1e-9,
+        "{r:?}"
+    );
+    // One GPU at 4 jobs/min serves 100 s × 4/60 jobs.
+    assert!(
+        (r.jobs_completed - 100.0 * 4.0 / 60.0).abs() < 1e-9,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn an_empty_trace_costs_nothing() {
+    let t = per_minute(120, |_| 0.0);
+    for kind in PolicyKind::ALL {
+        let r = simulate(&t, &policy(kind), &params(0));
+        assert_eq!(r.total_usd, 0.0, "{kind}");
+        assert_eq!(r.pod_creations, 0, "{kind}");
+        assert_eq!(r.peak_pods, 0, "{kind}");
+        assert_eq!(r.slo_violation_minutes, 0, "{kind}");
+        assert_eq!(r.duration_minutes, 120.0);
+    }
+}
+
+#[test]
+fn a_single_spike_scales_up_then_back_to_min_pods() {
+    for min_pods in [0, 1] {
+        let p = Policy {
+            min_pods,
+            ..policy(PolicyKind::Target)
+        };
+        let (r, timeline) = run(&single_spike(), &p, &params(2));
+        assert!(r.pod_creations > u64::from(min_pods), "{r:?}");
+        assert!(r.peak_pods > min_pods, "{r:?}");
+        let during = timeline
+            .iter()
+            .filter(|t| (3_600_000..4_800_000).contains(&t.at.as_millis()))
+            .map(|t| t.pods)
+            .max();
+        assert!(during > Some(min_pods as usize), "{during:?}");
+        // Before the spike nothing beyond the minimum exists.
+        assert!(timeline
+            .iter()
+            .filter(|t| t.at.as_millis() < 3_600_000)
+            .all(|t| t.pods == min_pods as usize));
+        assert_eq!(timeline.last().map(|t| t.pods), Some(min_pods as usize));
+        assert!(r.jobs_completed > r.jobs_arrived - 1e-6, "{r:?}");
+    }
+}
+
+#[test]
+fn pods_serve_nothing_before_the_boot_delay() {
+    // No baseline: only pods can serve.
+    let t = per_minute(30, |_| 60.0);
+    let sim = SimParams {
+        boot_delay: Duration::from_secs(120),
+        ..params(0)
+    };
+    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &sim);
+    let first = timeline
+        .iter()
+        .find(|t| t.launched > 0)
+        .map(|t| t.at)
+        .unwrap();
+    let ready = first.plus(sim.boot_delay);
+    for tick in &timeline {
+        if tick.at < ready {
+            assert_eq!(tick.running_gpus, 0, "{tick:?}");
+            assert_eq!(tick.served_pods + tick.served_baseline, 0.0, "{tick:?}");
+        }
+    }
+    let at_ready = timeline.iter().find(|t| t.at >= ready).unwrap();
+    assert!(
+        at_ready.running_gpus > 0 && at_ready.served_pods > 0.0,
+        "{at_ready:?}"
+    );
+    // Booting pods bill: money was spent before any work was done.
+    assert!(timeline
+        .iter()
+        .any(|t| t.at < ready && t.usd_per_hour > 0.0));
+    assert!(r.total_usd > 0.0);
+}
+
+#[test]
+fn the_budget_and_max_pods_are_never_exceeded() {
+    for kind in PolicyKind::ALL {
+        for (max_usd, max_pods) in [(1.0, 20), (12.0, 4), (12.0, 20)] {
+            let p = Policy {
+                max_usd_per_hour: Usd(max_usd),
+                max_pods,
+                ..policy(kind)
+            };
+            let (r, timeline) = run(&bursty_like(), &p, &params(2));
+            for tick in &timeline {
+                assert!(
+                    tick.usd_per_hour <= max_usd + Usd::EPSILON,
+                    "{kind} {max_usd}: {tick:?}"
+                );
+                assert!(
+                    tick.pods <= max_pods as usize,
+                    "{kind} {max_pods}: {tick:?}"
+                );
+            }
+            assert!(r.pod_creations > 0, "{kind}: the limits were exercised");
+        }
+    }
+}
+
+#[test]
+fn runs_are_deterministic() {
+    for kind in PolicyKind::ALL {
+        let a = run(&bursty_like(), &policy(kind), &params(2));
+        let b = run(&bursty_like(), &policy(kind), &params(2));
+        assert_eq!(a, b, "{kind}");
+    }
+}
+
+/// Time from the last tick in which pods served work, after `after_ms`, until no pod is left.
+fn scale_down_delay(timeline: &[TickRecord], after_ms: u64) -> Option<u64> {
+    let gone = timeline
+        .iter()
+        .find(|t| t.at.as_millis() >= after_ms && t.pods == 0)?;
+    let busy = timeline
+        .iter()
+        .rev()
+        .find(|t| t.at < gone.at && t.served_pods > 0.0)?;
+    Some(gone.at.as_millis() - busy.at.as_millis())
+}
+
+// The brief expected the seed policy to spend more than the target policy on bursty input.
+// This model does not show that: bursts of 60-150 jobs/min need more than max_pods 20 under
+// both policies, and what differs is the scale-down, where the seed's 60 s idle rule frees
+// pods minutes before the target's stabilization window and idle timeout. The next two tests
+// pin down the mechanisms the side-by-side numbers come from, not the numbers.
+
+#[test]
+fn after_a_burst_seed_scales_down_sooner_than_target() {
+    // 30 quiet minutes, 10 minutes at 60 jobs/min, 60 quiet minutes; baseline 2 GPUs.
+    let t = per_minute(100, |m| if (30..40).contains(&m) { 60.0 } else { 6.0 });
+    let p_target = policy(PolicyKind::Target);
+    let (_, seed) = run(&t, &policy(PolicyKind::Seed), &params(2));
+    let (_, target) = run(&t, &p_target, &params(2));
+    let burst_end = 40 * 60_000;
+    let seed_delay = scale_down_delay(&seed, burst_end).unwrap();
+    let target_delay = scale_down_delay(&target, burst_end).unwrap();
+    let tick = 15_000;
+    // Seed: idle 60 s after the last busy tick, then the next plan removes the pods.
+    assert!(seed_delay <= 60_000 + 2 * tick, "seed took {seed_delay} ms");
+    // Target: never before its idle timeout.
+    assert!(
+        target_delay >= p_target.idle_timeout.as_millis() as u64,
+        "target took {target_delay} ms"
+    );
+    assert!(seed.iter().any(|t| t.pods > 0) && target.iter().any(|t| t.pods > 0));
+}
+
+#[test]
+fn on_a_slow_day_curve_target_misses_the_slo_less_than_seed() {
+    // 12 h rising from 4 to 40 jobs/min and back: well above the 8 jobs/min baseline for hours.
+    let t = per_minute(720, |m| {
+        let day = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * m as f64 / 720.0).cos();
+        (4.0 + 36.0 * day).round()
+    });
+    let seed = simulate(&t, &policy(PolicyKind::Seed), &params(2));
+    let target = simulate(&t, &policy(PolicyKind::Target), &params(2));
+    // The seed rule (depth / 10 + 1 pods) settles where the backlog's wait exceeds the SLO;
+    // the target rule keeps adding GPUs while p95 is above it.
+    assert!(
+        target.slo_violation_minutes < seed.slo_violation_minutes,
+        "seed {seed:?}\ntarget {target:?}"
+    );
+}
+
+#[test]
+fn the_trace_p95_is_used_and_violations_count_distinct_minutes() {
+    // No arrivals, service p95 above the 60 s SLO for the middle two of four minutes.
+    let t = parse("time_s,arriving_jobs,p95_s\n0,0,5\n60,0,70\n120,0,\n180,0,1\n").unwrap();
+    let sim = SimParams {
+        service_seconds: 61.0,
+        ..params(2)
+    };
+    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &sim);
+    assert_eq!(r.slo_violation_minutes, 2, "{timeline:?}");
+    assert_eq!(timeline.len(), 16);
+    assert_eq!(timeline[0].p95_seconds, 5.0);
+    assert_eq!(timeline[4].p95_seconds, 70.0);
+    assert_eq!(timeline[8].p95_seconds, 61.0);
+}
+
+#[test]
+fn queue_wait_is_modeled_and_no_capacity_is_finite() {
+    // 120 jobs at once with no capacity at all: the modeled wait is capped, never infinite.
+    let t = parse("time_s,arriving_jobs\n0,120\n15,0\n").unwrap();
+    let p = Policy {
+        max_pods: 0,
+        ..policy(PolicyKind::Target)
+    };
+    let (r, timeline) = run(&t, &p, &params(0));
+    assert_eq!(timeline[1].p95_seconds, 10.0 + NO_CAPACITY_WAIT_S);
+    assert_eq!(r.jobs_completed, 0.0);
+    // With 2 GPUs (8 jobs/min), a backlog of 8 jobs waits 60 s.
+    let t = parse("time_s,arriving_jobs\n0,16\n15,0\n").unwrap();
+    let (_, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    assert!((timeline[1].queue_observed - 14.0).abs() < 1e-9);
+    assert!((timeline[1].p95_seconds - (10.0 + 14.0 * 60.0 / 8.0)).abs() < 1e-9);
+}
+
+#[test]
+fn odd_params_do_not_panic_or_hang() {
+    let t = single_spike();
+    let odd = SimParams {
+        tick: Duration::ZERO,
+        jobs_per_gpu_per_minute: f64::NAN,
+        service_seconds: -1.0,
+        ..params(2)
+    };
+    let short = parse("time_s,arriving_jobs\n0,1\n0.01,1\n").unwrap();
+    let r = simulate(&short, &policy(PolicyKind::Seed), &odd);
+    assert_eq!(r.jobs_completed, 0.0);
+    let huge = SimParams {
+        tick: Duration::from_secs(u64::MAX),
+        ..params(2)
+    };
+    let r = simulate(&t, &policy(PolicyKind::Target), &huge);
+    assert!((r.jobs_arrived - t.rows.iter().map(|r| r.arriving_jobs).sum::<f64>()).abs() < 1e-6);
+}
+
+#[test]
+fn the_table_is_aligned_and_reports_serialize() {
+    let reports = vec![
+        (
+            "single_spike".to_owned(),
+            PolicyKind::ALL
+                .iter()
+                .map(|k| simulate(&single_spike(), &policy(*k), &params(2)))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "quiet".to_owned(),
+            vec![simulate(
+                &per_minute(10, |_| 0.0),
+                &policy(PolicyKind::Target),
+                &params(2),
+            )],
+        ),
+    ];
+    let table = render_table(&reports);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("trace") && lines[0].contains("total $"));
+    assert!(lines[1].starts_with("single_spike  seed"), "{table}");
+    assert!(lines[3].starts_with("quiet         target"), "{table}");
+    let width = lines[0].len();
+    assert!(lines.iter().all(|l| l.len() == width), "{table}");
+
+    let json = serde_json::to_value(&reports[0].1).unwrap();
+    assert_eq!(json[0]["policy"], "seed");
+    assert_eq!(json[1]["policy"], "target");
+    for key in [
+        "total_usd",
+        "slo_violation_minutes",
+        "pod_creations",
+        "peak_pods",
+        "jobs_arrived",
+        "jobs_completed",
+        "max_queue",
+        "duration_minutes",
+    ] {
+        assert!(json[1][key].is_number(), "{key}: {json}");
+    }
+}

@@ -1,0 +1,60 @@
+//! The snapshot each tick publishes: the latest plan and signal health. The gRPC scaler and the
+//! HTTP endpoints read it; nothing reads Kafka, Prometheus or RunPod to answer a request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::decide::Plan;
+use crate::model::Timestamp;
+use crate::signals::SignalKind;
+
+/// Health of one signal source at snapshot time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SignalStatus {
+    /// Which signal.
+    pub signal: SignalKind,
+    /// Newest value, if any.
+    pub value: Option<f64>,
+    /// Age of the newest value.
+    #[serde(with = "humantime_serde")]
+    pub age: Option<Duration>,
+    /// Whether the newest value is fresh enough to scale down on.
+    pub fresh: bool,
+    /// Failed polls since start.
+    pub failures: u64,
+    /// The most recent failure, if the last poll failed.
+    pub last_error: Option<String>,
+}
+
+/// Everything one tick produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    /// When the tick ran.
+    pub at: Timestamp,
+    /// The plan decided.
+    pub plan: Plan,
+    /// Signal health.
+    pub signals: Vec<SignalStatus>,
+    /// `advisory` while no RunPod provider executes plans.
+    pub mode: &'static str,
+}
+
+impl Snapshot {
+    /// GPU workers wanted: the `gpu-demand` metric served to KEDA.
+    pub fn gpu_demand(&self) -> f64 {
+        f64::from(self.plan.desired_gpus)
+    }
+}
+
+/// Receiving side of published snapshots; `None` until the first tick completes.
+pub type SnapshotReceiver = watch::Receiver<Option<Arc<Snapshot>>>;
+/// Publishing side of snapshots.
+pub type SnapshotSender = watch::Sender<Option<Arc<Snapshot>>>;
+
+/// A new snapshot channel with nothing published yet.
+pub fn channel() -> (SnapshotSender, SnapshotReceiver) {
+    watch::channel(None)
+}
