@@ -14,8 +14,6 @@ cargo build --locked --all-targets
 log "Rust tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast
-  # nextest does not run doctests.
-  cargo test --locked --doc
 else
   cargo test --locked --no-fail-fast
 fi

@@ -184,8 +184,17 @@ impl fmt::Display for Plan {
         if self.steps.is_empty() {
             writeln!(f, "  (no steps)")?;
         }
-        for step in &self.steps {
-            writeln!(f, "  {step}")?;
+        // Identical consecutive steps (a burst of launches) render as one line with a count.
+        let mut i = 0;
+        while i < self.steps.len() {
+            let step = &self.steps[i];
+            let run = self.steps[i..].iter().take_while(|s| *s == step).count();
+            if run > 1 {
+                writeln!(f, "  {run} x {step}")?;
+            } else {
+                writeln!(f, "  {step}")?;
+            }
+            i += run;
         }
         for hold in &self.holds {
             writeln!(f, "  hold: {hold}")?;

@@ -323,9 +323,7 @@ fn plan_renders_steps_and_holds() {
     assert_eq!(
         text,
         "plan at 1970-01-12T13:46:40.000Z (policy target): demand 7 GPUs, baseline 2, RunPod pods 0 -> 3, desired 5 GPUs\n\
-         \x20 launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
-         \x20 launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
-         \x20 launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
+         \x20 3 x launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
          \x20 hold: max_pods 3 reached\n"
     );
 }
@@ -417,12 +415,12 @@ prop_compose! {
                      zero_lag in proptest::bool::weighted(0.3)) -> Signals {
         let mut queue = Series::new(POLL, Duration::from_secs(900));
         let mut lags = lags;
-        lags.sort_by(|a, b| b.0.cmp(&a.0));
+        lags.sort_by_key(|a| std::cmp::Reverse(a.0));
         for (age, lag) in lags {
             queue.push(Sample { value: if zero_lag { 0.0 } else { lag }, observed_at: NOW.minus(Duration::from_secs(age)) });
         }
         let latency = p95.map(|mut v| {
-            v.sort_by(|a, b| b.0.cmp(&a.0));
+            v.sort_by_key(|a| std::cmp::Reverse(a.0));
             let mut s = Series::new(POLL, Duration::from_secs(900));
             for (age, p) in v {
                 s.push(Sample { value: p, observed_at: NOW.minus(Duration::from_secs(age)) });
