@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t runpod-autoscaler .
+FROM rust:1.88-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY src src
+COPY benches benches
+RUN cargo build --release --locked --bin runpod-autoscaler
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates=20230311* \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/runpod-autoscaler /usr/local/bin/runpod-autoscaler
+# Unprivileged, numeric (works with runAsNonRoot).
+USER 65532:65532
+# 9090: KEDA external scaler (gRPC); 8080: /metrics /healthz /readyz /debug/plan.
+EXPOSE 9090 8080
+ENTRYPOINT ["/usr/local/bin/runpod-autoscaler"]
+CMD ["serve", "--config", "/etc/runpod-autoscaler/config.toml"]
