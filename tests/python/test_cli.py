@@ -1,0 +1,65 @@
+"""The binary's command-line edge: config env overrides, exit codes, secrets never printed."""
+
+import os
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BINARY = pathlib.Path(os.environ.get("RPA_BINARY", ROOT / "target" / "debug" / "runpod-autoscaler"))
+STATIC = str(ROOT / "examples" / "static.toml")
+
+
+def run(*args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(BINARY), *args], capture_output=True, text=True, env=full_env)
+
+
+def test_env_override_is_validated_and_names_the_key():
+    r = run("check-config", STATIC, env={"RUNPOD_AUTOSCALER__POLICY__MIN_PODS": "99"})
+    assert r.returncode == 2
+    assert "policy.min_pods" in r.stderr and "policy.max_pods" in r.stderr
+
+
+def test_env_override_with_unknown_key_is_rejected():
+    r = run("check-config", STATIC, env={"RUNPOD_AUTOSCALER__POLICY__MAX_PODZ": "3"})
+    assert r.returncode == 2
+    assert "max_podz" in r.stderr
+
+
+def test_env_override_applies():
+    r = run("check-config", STATIC, env={"RUNPOD_AUTOSCALER__POLICY__MAX_PODS": "12"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_config_file_says_so():
+    r = run("check-config", "/nonexistent/rpa.toml")
+    assert r.returncode == 2
+    assert "not found" in r.stderr
+
+
+def test_api_key_never_printed_even_on_errors():
+    secret = "rpa_TOPSECRET_0123456789"
+    r = run("check-config", STATIC, env={"RUNPOD_API_KEY": secret, "RUNPOD_AUTOSCALER__POLICY__MAX_PODS": "x"})
+    assert r.returncode == 2
+    assert secret not in r.stdout + r.stderr
+
+
+def test_simulate_json_output():
+    import json
+    r = run("simulate", "--trace", str(ROOT / "benches/traces/single_spike.csv"), "--output", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out[0]["trace"] == "single_spike"
+    assert {x["policy"] for x in out[0]["results"]} == {"seed", "target"}
+    for x in out[0]["results"]:
+        assert x["jobs_completed"] <= x["jobs_arrived"] + 1e-6
+        assert x["peak_pods"] <= 20
+
+
+def test_simulate_bad_trace_is_a_clear_error():
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+        f.write("time_s,arriving_jobs\n0,5\n60,-3\n")
+    r = run("simulate", "--trace", f.name)
+    assert r.returncode != 0
+    assert "line 3" in r.stderr and "arriving_jobs" in r.stderr

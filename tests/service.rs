@@ -1,0 +1,195 @@
+//! The assembled service on 127.0.0.1: samplers → tick → snapshot → HTTP endpoints, a failing
+//! source going stale (hold, counted failures), and graceful shutdown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use runpod_autoscaler::clock::SystemClock;
+use runpod_autoscaler::config::Config;
+use runpod_autoscaler::decide::Hold;
+use runpod_autoscaler::service::{self, ServiceParts};
+use runpod_autoscaler::signals::{SignalError, SignalKind, SignalSource, StaticSource};
+
+/// Minimal HTTP/1.1 GET; returns (status, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn static_config() -> Config {
+    Config::from_toml(include_str!("../examples/static.toml")).unwrap()
+}
+
+async fn parts(sources: Vec<Arc<dyn SignalSource>>) -> ServiceParts {
+    let config = static_config();
+    ServiceParts {
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: None,
+        sources,
+        poll_interval: Duration::from_millis(50),
+        tick_interval: Duration::from_millis(50),
+        baseline_gpus: config.baseline.gpus,
+        policy: config.planner_policy(),
+        clock: Arc::new(SystemClock),
+    }
+}
+
+#[tokio::test]
+async fn http_endpoints_serve_the_published_plan() {
+    let config = static_config();
+    let shutdown = CancellationToken::new();
+    let running = service::start(
+        parts(service::sources_from_config(&config)).await,
+        shutdown.clone(),
+    )
+    .unwrap();
+    let http = running.http_addr;
+    assert_eq!(get(http, "/healthz").await, (200, "ok\n".to_owned()));
+
+    let mut snapshots = running.snapshots.clone();
+    tokio::time::timeout(Duration::from_secs(10), snapshots.wait_for(Option::is_some))
+        .await
+        .expect("first snapshot within 10 s")
+        .unwrap();
+    assert_eq!(get(http, "/readyz").await.0, 200);
+
+    let (status, body) = get(http, "/debug/plan").await;
+    assert_eq!(status, 200);
+    let plan: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(plan["mode"], "advisory");
+    assert_eq!(plan["gpu_demand"], 7.0);
+    assert_eq!(plan["plan"]["desired_gpus"], 7);
+    assert_eq!(plan["plan"]["steps"].as_array().unwrap().len(), 5);
+    assert!(plan["text"]
+        .as_str()
+        .unwrap()
+        .contains("5 x launch 1x NVIDIA RTX A5000"));
+    assert_eq!(plan["signals"][0]["signal"], "queue_lag");
+    assert_eq!(plan["signals"][0]["fresh"], true);
+
+    let (status, metrics) = get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("runpod_autoscaler_desired_gpus 7.0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("runpod_autoscaler_baseline_gpus 2.0"));
+    assert!(metrics.contains("runpod_autoscaler_signal_value{signal=\"queue_lag\"} 700.0"));
+    assert!(metrics.contains("# EOF"));
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.wait())
+        .await
+        .expect("service stops within 10 s")
+        .unwrap();
+}
+
+/// A queue source that can be switched to failing.
+struct Flaky {
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl SignalSource for Flaky {
+    fn kind(&self) -> SignalKind {
+        SignalKind::QueueLag
+    }
+    async fn sample(&self) -> Result<f64, SignalError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(SignalError::Unreachable {
+                backend: "kafka",
+                detail: "connection refused".into(),
+            })
+        } else {
+            Ok(0.0)
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_failing_source_goes_stale_and_the_planner_holds() {
+    let flaky = Arc::new(Flaky {
+        failing: AtomicBool::new(false),
+    });
+    let sources: Vec<Arc<dyn SignalSource>> = vec![
+        flaky.clone(),
+        Arc::new(StaticSource::new(SignalKind::LatencyP95, 1.0)),
+    ];
+    let shutdown = CancellationToken::new();
+    let running = service::start(parts(sources).await, shutdown.clone()).unwrap();
+    let snapshots = running.snapshots.clone();
+    let wait = |pred: fn(&runpod_autoscaler::snapshot::Snapshot) -> bool| {
+        let mut rx = snapshots.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|s| s.as_ref().is_some_and(|s| pred(s))),
+            )
+            .await
+            .expect("condition within 10 s")
+            .map(|_| ())
+            .unwrap()
+        }
+    };
+    wait(|s| s.signals.iter().all(|x| x.fresh)).await;
+
+    flaky.failing.store(true, Ordering::SeqCst);
+    // Three poll intervals later the lag is stale: a hold, never zero demand.
+    wait(|s| {
+        s.plan.holds.iter().any(|h| {
+            matches!(
+                h,
+                Hold::StaleSignal {
+                    signal: "queue lag",
+                    ..
+                }
+            )
+        })
+    })
+    .await;
+    let snap = snapshots.borrow().clone().unwrap();
+    let lag = snap
+        .signals
+        .iter()
+        .find(|s| s.signal == SignalKind::QueueLag)
+        .unwrap();
+    assert!(!lag.fresh);
+    assert!(lag.failures >= 1);
+    assert!(lag
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("connection refused"));
+    let (_, metrics) = get(running.http_addr, "/metrics").await;
+    assert!(metrics.contains("runpod_autoscaler_signal_failures_total{signal=\"queue_lag\"}"));
+    assert!(
+        metrics.contains("runpod_autoscaler_holds{kind=\"stale_signal\"} 1"),
+        "{metrics}"
+    );
+
+    // Recovery: the next good sample makes it fresh again.
+    flaky.failing.store(false, Ordering::SeqCst);
+    wait(|s| s.signals.iter().all(|x| x.fresh && x.last_error.is_none())).await;
+
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
