@@ -339,6 +339,18 @@ async fn tls_client(
     Ok(ExternalScalerClient::new(channel))
 }
 
+/// True when the TLS handshake or the first call fails.
+async fn refused(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+) -> bool {
+    match tls_client(addr, ca_pem, identity).await {
+        Err(_) => true,
+        Ok(mut c) => c.is_active(object(&[])).await.is_err(),
+    }
+}
+
 #[tokio::test]
 async fn server_tls() {
     let pki = new_pki();
