@@ -292,13 +292,17 @@ impl std::fmt::Debug for KafkaLagSource {
 /// The librdkafka configuration for `settings` (secrets included: never log it).
 fn client_config(settings: &KafkaLagSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
-    let timeout_ms = settings.timeout.as_millis().clamp(1, i32::MAX as u128).to_string();
+    // librdkafka's allowed ranges: socket.timeout.ms ≥ 10, connection setup ≥ 1000 ms. The
+    // poll itself is still bounded by `settings.timeout` from the outside.
+    let ms = settings.timeout.as_millis();
+    let timeout_ms = ms.clamp(10, i32::MAX as u128).to_string();
+    let setup_ms = ms.clamp(1000, i32::MAX as u128).to_string();
     c.set("bootstrap.servers", &settings.bootstrap_servers)
         .set("group.id", &settings.group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("socket.timeout.ms", &timeout_ms)
-        .set("socket.connection.setup.timeout.ms", &timeout_ms)
+        .set("socket.connection.setup.timeout.ms", &setup_ms)
         // Reconnect attempts to a dead broker back off to at most 1 s, so a restarted broker is
         // read again within a poll or two.
         .set("reconnect.backoff.max.ms", "1000")
