@@ -14,9 +14,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::decide::{PodTemplate, Policy, PolicyKind};
+use crate::model::{GpuTypeId, Usd};
 use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
 use crate::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
-use crate::model::{GpuTypeId, Usd};
 
 /// Prefix of environment overrides; `__` separates path segments
 /// (`RUNPOD_AUTOSCALER__POLICY__MAX_PODS=4`).
@@ -684,7 +684,11 @@ fn validate_kafka(k: &KafkaSourceConfig) -> Result<(), ConfigError> {
         return invalid("signals.queue.timeout", "is 0".into(), "set e.g. \"3s\"");
     }
     if k.poll_interval.is_some_and(|d| d.is_zero()) {
-        return invalid("signals.queue.poll_interval", "is 0".into(), "set e.g. \"5s\"");
+        return invalid(
+            "signals.queue.poll_interval",
+            "is 0".into(),
+            "set e.g. \"5s\"",
+        );
     }
     if k.sasl_password.is_some() && k.sasl_username.is_none() {
         return invalid(
@@ -748,7 +752,11 @@ fn validate_prometheus(p: &PrometheusSourceConfig) -> Result<(), ConfigError> {
         return invalid("signals.latency.timeout", "is 0".into(), "set e.g. \"3s\"");
     }
     if p.poll_interval.is_some_and(|d| d.is_zero()) {
-        return invalid("signals.latency.poll_interval", "is 0".into(), "set e.g. \"5s\"");
+        return invalid(
+            "signals.latency.poll_interval",
+            "is 0".into(),
+            "set e.g. \"5s\"",
+        );
     }
     Ok(())
 }

@@ -179,9 +179,11 @@ async fn persistent_lag_is_excluded_on_the_second_poll() {
     let mut commits = even_commits(PARTITIONS, 300);
     commits[0].1 = 100;
     tansu.commit("committed-300", TOPIC, &commits);
-    let third = eventually("partition 0 commit visible", Duration::from_secs(20), || async {
-        source.poll().await.ok().filter(|r| r.metric > 0)
-    })
+    let third = eventually(
+        "partition 0 commit visible",
+        Duration::from_secs(20),
+        || async { source.poll().await.ok().filter(|r| r.metric > 0) },
+    )
     .await;
     assert_eq!(third.metric, 25);
     assert_eq!(third.partitions[0].lag, 25);
@@ -267,10 +269,15 @@ poll_interval = "200ms"
 
     tansu.guard.stop();
     wait("a stale-signal hold", |s| {
-        s.plan
-            .holds
-            .iter()
-            .any(|h| matches!(h, Hold::StaleSignal { signal: "queue lag", .. }))
+        s.plan.holds.iter().any(|h| {
+            matches!(
+                h,
+                Hold::StaleSignal {
+                    signal: "queue lag",
+                    ..
+                }
+            )
+        })
     })
     .await;
     let snap = snapshots.borrow().clone().unwrap();
@@ -289,7 +296,9 @@ poll_interval = "200ms"
         error.contains("unreachable") || error.contains("did not answer"),
         "{error}"
     );
-    let (_, metrics) = support::http_get(running.http_addr, "/metrics").await.unwrap();
+    let (_, metrics) = support::http_get(running.http_addr, "/metrics")
+        .await
+        .unwrap();
     assert!(metrics.contains("runpod_autoscaler_signal_failures_total{signal=\"queue_lag\"}"));
 
     // The source itself reports a typed error.

@@ -40,9 +40,11 @@ async fn scraping() -> (Prometheus, Exporter) {
     let prom = Prometheus::start(&[exporter.addr]).await;
     let p95 = source(&prom, &default_query(METRIC), false);
     // rate() needs two scrapes: poll (bounded) until the query has a value.
-    eventually("a p95 value in Prometheus", Duration::from_secs(30), || async {
-        p95.query().await.ok()
-    })
+    eventually(
+        "a p95 value in Prometheus",
+        Duration::from_secs(30),
+        || async { p95.query().await.ok() },
+    )
     .await;
     (prom, exporter)
 }
@@ -52,7 +54,10 @@ async fn p95_nan_empty_and_several_series() {
     let (prom, _exporter) = scraping().await;
 
     // Every observation lies in the (10, 20] bucket: the p95 interpolates to 19.5 s.
-    let p95 = source(&prom, &default_query(METRIC), false).query().await.unwrap();
+    let p95 = source(&prom, &default_query(METRIC), false)
+        .query()
+        .await
+        .unwrap();
     assert!((p95 - 19.5).abs() < 0.01, "p95 {p95}");
 
     // No traffic: histogram_quantile over zero rates is NaN.

@@ -348,15 +348,13 @@ fn map_error(e: &KafkaError, settings: &KafkaLagSettings, what: &str) -> SignalE
                 ),
             }
         }
-        Some(C::GroupIdNotFound | C::InvalidGroupId) => {
-            SignalError::NotFound {
-                backend: BACKEND,
-                detail: format!(
-                    "{what}: consumer group {:?} not found on {servers}; check the group name",
-                    settings.group
-                ),
-            }
-        }
+        Some(C::GroupIdNotFound | C::InvalidGroupId) => SignalError::NotFound {
+            backend: BACKEND,
+            detail: format!(
+                "{what}: consumer group {:?} not found on {servers}; check the group name",
+                settings.group
+            ),
+        },
         Some(
             C::SaslAuthenticationFailed
             | C::Authentication
@@ -417,6 +415,24 @@ impl KafkaLagSource {
         self
     }
 
+    /// A source for other topics and options of the same brokers and group that shares this
+    /// source's client (its connections and metadata); its persistent-lag memory is its own.
+    pub fn sharing_client(&self, topics: Vec<String>, options: LagOptions) -> KafkaLagSource {
+        KafkaLagSource {
+            consumer: Arc::clone(&self.consumer),
+            settings: KafkaLagSettings {
+                topics,
+                options,
+                ..self.settings.clone()
+            },
+            cache: Mutex::new(Cache {
+                topics: None,
+                previous: PreviousCommits::new(),
+            }),
+            poll_interval: self.poll_interval,
+        }
+    }
+
     /// The settings this source reads with.
     pub fn settings(&self) -> &KafkaLagSettings {
         &self.settings
@@ -445,7 +461,11 @@ impl KafkaLagSource {
                 let previous = self.lock().previous.clone();
                 let (report, next) = compute_lag(&offsets, &previous, &self.settings.options);
                 self.lock().previous = next;
-                debug!(metric = report.metric, total = report.total_lag, "kafka lag");
+                debug!(
+                    metric = report.metric,
+                    total = report.total_lag,
+                    "kafka lag"
+                );
                 Ok((report, count))
             }
             Ok(Err(e)) => Err(e),
@@ -479,7 +499,8 @@ impl KafkaLagSource {
                 .map_err(|e| map_error(&e, &settings, "metadata"))?;
             let mut out = BTreeMap::new();
             for t in md.topics() {
-                let wanted = settings.topics.is_empty() || settings.topics.iter().any(|n| n == t.name());
+                let wanted =
+                    settings.topics.is_empty() || settings.topics.iter().any(|n| n == t.name());
                 if !wanted {
                     continue;
                 }
@@ -487,8 +508,11 @@ impl KafkaLagSource {
                     let e = KafkaError::MetadataFetch(code.into());
                     return Err(map_error(&e, &settings, "metadata"));
                 }
-                let parts: Vec<(i32, i32)> =
-                    t.partitions().iter().map(|p| (p.id(), p.leader())).collect();
+                let parts: Vec<(i32, i32)> = t
+                    .partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.leader()))
+                    .collect();
                 out.insert(t.name().to_owned(), parts);
             }
             for name in &settings.topics {
@@ -532,8 +556,11 @@ impl KafkaLagSource {
 
         // One OffsetFetch for every partition, one batched ListOffsets per end, concurrently.
         let committed = {
-            let (consumer, settings, tpl) =
-                (Arc::clone(&self.consumer), self.settings.clone(), all.clone());
+            let (consumer, settings, tpl) = (
+                Arc::clone(&self.consumer),
+                self.settings.clone(),
+                all.clone(),
+            );
             blocking(move || {
                 consumer
                     .committed_offsets(tpl, settings.timeout)
@@ -644,14 +671,12 @@ fn merge(
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SignalError> + Send + 'static,
 ) -> Result<T, SignalError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| {
-            Err(SignalError::BadAnswer {
-                backend: BACKEND,
-                detail: format!("kafka client task failed: {e}"),
-            })
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(SignalError::BadAnswer {
+            backend: BACKEND,
+            detail: format!("kafka client task failed: {e}"),
         })
+    })
 }
 
 #[async_trait]
@@ -703,7 +728,14 @@ mod tests {
         ];
         // (name, offsets, options, metric, total_with_persistent, active)
         let cases: Vec<(&str, Vec<PartitionOffsets>, LagOptions, i64, i64, bool)> = vec![
-            ("latest: uncommitted counts 1", four.clone(), opts(|_| {}), 141, 141, true),
+            (
+                "latest: uncommitted counts 1",
+                four.clone(),
+                opts(|_| {}),
+                141,
+                141,
+                true,
+            ),
             (
                 "earliest: uncommitted counts end - start",
                 four.clone(),
@@ -791,7 +823,10 @@ mod tests {
         for (name, offsets, o, metric, with_persistent, active) in cases {
             let (r, _) = compute_lag(&offsets, &PreviousCommits::new(), &o);
             assert_eq!(r.metric, metric, "{name}: metric");
-            assert_eq!(r.total_lag_with_persistent, with_persistent, "{name}: total");
+            assert_eq!(
+                r.total_lag_with_persistent, with_persistent,
+                "{name}: total"
+            );
             assert_eq!(r.active, active, "{name}: active");
         }
     }

@@ -7,7 +7,7 @@ pub mod prometheus;
 mod series;
 pub mod source;
 
-pub use series::{Sample, Series, Signals};
-pub use source::{SignalError, SignalKind, SignalSource, StaticSource};
 pub use kafka::KafkaLagSource;
 pub use prometheus::PrometheusSource;
+pub use series::{Sample, Series, Signals};
+pub use source::{SignalError, SignalKind, SignalSource, StaticSource};

@@ -173,6 +173,21 @@ impl PrometheusSource {
         self
     }
 
+    /// A source running another query on the same server that shares this source's HTTP client
+    /// (its connection pool, credentials and headers).
+    pub fn sharing_client(&self, query: String, ignore_null_values: bool) -> PrometheusSource {
+        PrometheusSource {
+            client: self.client.clone(),
+            settings: PrometheusSettings {
+                query,
+                ignore_null_values,
+                ..self.settings.clone()
+            },
+            kind: self.kind,
+            poll_interval: self.poll_interval,
+        }
+    }
+
     /// The settings this source queries with.
     pub fn settings(&self) -> &PrometheusSettings {
         &self.settings

@@ -98,7 +98,9 @@ impl SignalError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            SignalError::Unreachable { .. } | SignalError::Timeout { .. } | SignalError::NoValue { .. }
+            SignalError::Unreachable { .. }
+                | SignalError::Timeout { .. }
+                | SignalError::NoValue { .. }
         )
     }
 }

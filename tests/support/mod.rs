@@ -112,7 +112,13 @@ impl Tansu {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -326,9 +332,18 @@ impl Exporter {
 /// took between 10 and 20 seconds: with traffic, its p95 over 1 minute interpolates to ~19.5 s.
 pub fn latency_histogram(name: &str, count: u64) -> String {
     let mut s = format!("# TYPE {name} histogram\n");
-    for (le, c) in [("1", 0), ("5", 0), ("10", 0), ("20", count), ("+Inf", count)] {
+    for (le, c) in [
+        ("1", 0),
+        ("5", 0),
+        ("10", 0),
+        ("20", count),
+        ("+Inf", count),
+    ] {
         s.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {c}\n"));
     }
-    s.push_str(&format!("{name}_sum {}\n{name}_count {count}\n", count * 15));
+    s.push_str(&format!(
+        "{name}_sum {}\n{name}_count {count}\n",
+        count * 15
+    ));
     s
 }
