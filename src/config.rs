@@ -228,7 +228,7 @@ pub enum QueueSourceConfig {
         value: f64,
     },
     /// Consumer-group lag read from Kafka (KEDA kafka-scaler semantics).
-    Kafka(KafkaSourceConfig),
+    Kafka(Box<KafkaSourceConfig>),
 }
 
 /// `[signals.queue] source = "kafka"`: the keys mirror KEDA's kafka trigger in snake_case.
@@ -298,7 +298,7 @@ pub enum LatencySourceConfig {
         value: f64,
     },
     /// An instant query against Prometheus (KEDA prometheus-scaler semantics).
-    Prometheus(PrometheusSourceConfig),
+    Prometheus(Box<PrometheusSourceConfig>),
 }
 
 /// `[signals.latency] source = "prometheus"`.

@@ -264,9 +264,12 @@ impl RequestCount {
     }
 }
 
+/// Topic → (partition id, leader broker id) pairs.
+type TopicMap = BTreeMap<String, Vec<(i32, i32)>>;
+
 struct Cache {
-    /// Topic → (partition → leader broker id), and when it was read.
-    topics: Option<(Instant, BTreeMap<String, Vec<(i32, i32)>>)>,
+    /// The topic map and when it was read.
+    topics: Option<(Instant, TopicMap)>,
     previous: PreviousCommits,
 }
 
@@ -480,7 +483,7 @@ impl KafkaLagSource {
     async fn topics(
         &self,
         count: &mut RequestCount,
-    ) -> Result<BTreeMap<String, Vec<(i32, i32)>>, SignalError> {
+    ) -> Result<TopicMap, SignalError> {
         if let Some((at, topics)) = &self.lock().topics {
             if at.elapsed() < METADATA_REFRESH {
                 return Ok(topics.clone());
@@ -727,7 +730,8 @@ mod tests {
             p(3, Some(100), 0, 100),
         ];
         // (name, offsets, options, metric, total_with_persistent, active)
-        let cases: Vec<(&str, Vec<PartitionOffsets>, LagOptions, i64, i64, bool)> = vec![
+        type Case = (&'static str, Vec<PartitionOffsets>, LagOptions, i64, i64, bool);
+        let cases: Vec<Case> = vec![
             (
                 "latest: uncommitted counts 1",
                 four.clone(),
