@@ -85,13 +85,17 @@ async fn main() {
 
     let servers = tansu.servers();
     let started = Instant::now();
-    let (naive_lag, naive_requests) = tokio::task::spawn_blocking(move || naive(&servers, partitions))
-        .await
-        .unwrap();
+    let (naive_lag, naive_requests) =
+        tokio::task::spawn_blocking(move || naive(&servers, partitions))
+            .await
+            .unwrap();
     let naive_time = started.elapsed();
     assert_eq!(naive_lag, cold.total_lag, "both readers must agree");
 
-    println!("kafka lag of {partitions} partitions on tansu (lag {})", cold.total_lag);
+    println!(
+        "kafka lag of {partitions} partitions on tansu (lag {})",
+        cold.total_lag
+    );
     println!(
         "  batched, first poll : {:>9.2} ms, {} requests (metadata {}, offset fetch {}, list offsets {})",
         cold_time.as_secs_f64() * 1e3,

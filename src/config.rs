@@ -844,4 +844,123 @@ mod tests {
         assert!(!serde_json::to_string(&c).unwrap().contains("SUPERSECRET"));
         assert_eq!(c.runpod.api_key.unwrap().expose(), "rpa_SUPERSECRET");
     }
+
+    const KAFKA_PROM: &str = r#"
+        [policy]
+        max_pods = 4
+        max_usd_per_hour = 3.0
+        gpu_type = "NVIDIA RTX A5000"
+        pod_usd_per_hour = 0.26
+        [signals]
+        poll_interval = "7s"
+        [signals.queue]
+        source = "kafka"
+        bootstrap_servers = "k1:9092,k2:9092"
+        consumer_group = "workers"
+        topics = ["jobs"]
+        lag_threshold = 50
+        offset_reset_policy = "earliest"
+        partition_limitation = [0, 1]
+        security_protocol = "sasl_plaintext"
+        sasl_mechanism = "PLAIN"
+        sasl_username = "svc"
+        sasl_password = "hunter2"
+        [signals.latency]
+        source = "prometheus"
+        server_address = "http://prom:9090"
+        metric = "job_latency_seconds"
+        bearer_token = "tok-123"
+        headers = { "X-Scope-OrgID" = "team-a" }
+        poll_interval = "2s"
+    "#;
+
+    #[test]
+    fn kafka_and_prometheus_sources_parse_with_defaults() {
+        let c = Config::from_toml(KAFKA_PROM).unwrap();
+        let QueueSourceConfig::Kafka(k) = &c.signals.queue else {
+            panic!("kafka expected")
+        };
+        let s = k.settings();
+        assert_eq!(s.options.lag_threshold, 50);
+        assert_eq!(s.options.offset_reset_policy, OffsetResetPolicy::Earliest);
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        assert_eq!(k.poll_interval, None);
+        let Some(LatencySourceConfig::Prometheus(p)) = &c.signals.latency else {
+            panic!("prometheus expected")
+        };
+        let ps = p.settings();
+        assert_eq!(
+            ps.query,
+            "histogram_quantile(0.95, sum(rate(job_latency_seconds_bucket[1m])) by (le))"
+        );
+        assert!(ps.ignore_null_values);
+        assert_eq!(p.poll_interval, Some(Duration::from_secs(2)));
+        // Secrets never print.
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok-123"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn kafka_and_prometheus_errors_name_the_key() {
+        let cases = [
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 0",
+                "signals.queue.lag_threshold",
+            ),
+            (
+                "consumer_group = \"workers\"",
+                "consumer_group = \"\"",
+                "signals.queue.consumer_group",
+            ),
+            (
+                "bootstrap_servers = \"k1:9092,k2:9092\"",
+                "bootstrap_servers = \" \"",
+                "signals.queue.bootstrap_servers",
+            ),
+            (
+                "topics = [\"jobs\"]",
+                "topics = [\"a\", \"b\"]",
+                "signals.queue.partition_limitation",
+            ),
+            (
+                "offset_reset_policy = \"earliest\"",
+                "offset_reset_policy = \"newest\"",
+                "newest",
+            ),
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 50\nlag_treshold = 5",
+                "lag_treshold",
+            ),
+            (
+                "server_address = \"http://prom:9090\"",
+                "server_address = \"prom:9090\"",
+                "signals.latency.server_address",
+            ),
+            (
+                "metric = \"job_latency_seconds\"",
+                "",
+                "signals.latency.query",
+            ),
+            (
+                "bearer_token = \"tok-123\"",
+                "bearer_token = \"t\"\nbasic_auth_username = \"u\"",
+                "signals.latency.bearer_token",
+            ),
+            (
+                "poll_interval = \"2s\"",
+                "poll_interval = \"0s\"",
+                "signals.latency.poll_interval",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = KAFKA_PROM.replacen(from, to, 1);
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key:?} in: {err}");
+        }
+    }
 }

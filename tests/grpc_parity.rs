@@ -116,6 +116,15 @@ async fn kafka_trigger_answers_like_kedas_kafka_scaler() {
     .await;
     assert_eq!(v, 80.0);
     assert!(active(&mut s.client, &capped).await);
+    // StreamIsActive (external-push) sends the current state on open.
+    let mut stream = s
+        .client
+        .stream_is_active(capped.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().result);
+    drop(stream);
 
     // Uncapped: the real lag 700. Activation is strict (> activationLagThreshold).
     let uncapped = kafka(&[("lagThreshold", "100"), ("allowIdleConsumers", "true")]);

@@ -289,6 +289,7 @@ poll_interval = "200ms"
         .find(|s| s.signal == SignalKind::QueueLag)
         .unwrap();
     assert!(!lag.fresh);
+    assert_eq!(lag.poll_interval, Duration::from_millis(200));
     assert_eq!(lag.value, Some(700.0));
     assert!(lag.failures >= 1);
     let error = lag.last_error.clone().unwrap();

@@ -107,6 +107,7 @@ impl SignalBoard {
         for (signal, series, health) in entries {
             let Some(series) = series else { continue };
             out.push(SignalStatus {
+                poll_interval: series.poll_interval,
                 signal,
                 value: series.latest().map(|s| s.value),
                 age: series.age(now),

@@ -480,10 +480,7 @@ impl KafkaLagSource {
     }
 
     /// Topic → partitions with their leader, from the cache or one Metadata request.
-    async fn topics(
-        &self,
-        count: &mut RequestCount,
-    ) -> Result<TopicMap, SignalError> {
+    async fn topics(&self, count: &mut RequestCount) -> Result<TopicMap, SignalError> {
         if let Some((at, topics)) = &self.lock().topics {
             if at.elapsed() < METADATA_REFRESH {
                 return Ok(topics.clone());
@@ -730,7 +727,14 @@ mod tests {
             p(3, Some(100), 0, 100),
         ];
         // (name, offsets, options, metric, total_with_persistent, active)
-        type Case = (&'static str, Vec<PartitionOffsets>, LagOptions, i64, i64, bool);
+        type Case = (
+            &'static str,
+            Vec<PartitionOffsets>,
+            LagOptions,
+            i64,
+            i64,
+            bool,
+        );
         let cases: Vec<Case> = vec![
             (
                 "latest: uncommitted counts 1",
@@ -853,6 +857,41 @@ mod tests {
         // Without the option nothing is remembered.
         let (_, none) = compute_lag(&first, &PreviousCommits::new(), &opts(|_| {}));
         assert!(none.is_empty());
+    }
+
+    fn settings(security: KafkaSecurity) -> KafkaLagSettings {
+        KafkaLagSettings {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            group: "g".into(),
+            topics: vec!["jobs".into()],
+            options: LagOptions::default(),
+            security,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn security_options_reach_librdkafka_and_secrets_stay_out_of_errors() {
+        // SASL PLAIN is built into librdkafka: accepted.
+        let plain = KafkaSecurity {
+            protocol: Some("sasl_plaintext".into()),
+            sasl_mechanism: Some("PLAIN".into()),
+            sasl_username: Some("u".into()),
+            sasl_password: Some(Secret::new("hunter2")),
+            ..KafkaSecurity::default()
+        };
+        let source = KafkaLagSource::new(settings(plain)).unwrap();
+        assert!(!format!("{source:?}").contains("hunter2"));
+        // TLS needs OpenSSL, which the default static build lacks: a clear configuration error.
+        let tls = KafkaSecurity {
+            protocol: Some("ssl".into()),
+            sasl_password: Some(Secret::new("hunter2")),
+            ..KafkaSecurity::default()
+        };
+        let err = KafkaLagSource::new(settings(tls)).unwrap_err();
+        assert!(matches!(err, SignalError::InvalidRequest { .. }), "{err:?}");
+        assert!(err.to_string().contains("security.protocol"), "{err}");
+        assert!(!err.to_string().contains("hunter2"));
     }
 
     #[test]
