@@ -190,8 +190,15 @@ timeout = "1s"
     assert!(!p95.fresh);
     assert!(p95.value.is_some_and(|v| v > 19.0), "last good value kept");
     let error = p95.last_error.clone().unwrap();
-    assert!(error.contains("prometheus"), "{error}");
+    assert!(error.contains("prometheus unreachable"), "{error}");
     assert!(p95.failures >= 1);
+    // The source itself reports the typed error.
+    let err = source(&prom, &default_query(METRIC), true)
+        .query()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SignalError::Unreachable { .. }), "{err:?}");
+    assert!(err.is_retryable());
 
     shutdown.cancel();
     running.wait().await.unwrap();

@@ -9,16 +9,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::source::{SignalError, SignalKind, SignalSource};
 use crate::config::Secret;
@@ -29,6 +31,12 @@ const BACKEND: &str = "kafka";
 /// added rarely (an operator action); 30 s bounds how long a new partition goes unseen while
 /// saving one Metadata round trip on almost every poll.
 pub const METADATA_REFRESH: Duration = Duration::from_secs(30);
+
+/// librdkafka queues its logs and error events for the client to serve; the source never
+/// consumes messages, so it serves them after every poll, at most this many at a time. A few
+/// arrive per second at most (more with `debug=protocol`: a few per request), so 4096 per poll
+/// keeps the queue empty without letting a flood stall a poll.
+const MAX_EVENTS_SERVED_PER_POLL: usize = 4096;
 
 /// What a partition without a committed offset counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
@@ -267,6 +275,62 @@ impl RequestCount {
 /// Topic → (partition id, leader broker id) pairs.
 type TopicMap = BTreeMap<String, Vec<(i32, i32)>>;
 
+/// librdkafka callbacks: its logs and errors go to `tracing`; when protocol debugging is on
+/// (`debug=protocol`, see [`KafkaLagSource::with_request_counting`]) every request librdkafka
+/// sends to a broker is counted, so round trips are measured by the library itself.
+#[derive(Debug, Default)]
+pub struct KafkaClientContext {
+    sent: Mutex<BTreeMap<String, u64>>,
+    logs: AtomicU64,
+}
+
+impl KafkaClientContext {
+    /// Requests sent to brokers so far (0 unless `debug=protocol` is set on the client).
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_by_type().values().sum()
+    }
+
+    /// Requests sent to brokers so far, by request type (e.g. `OffsetFetch`).
+    pub fn requests_by_type(&self) -> BTreeMap<String, u64> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientContext for KafkaClientContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.logs.fetch_add(1, Ordering::Relaxed);
+        // librdkafka logs "[thrd:..]: broker: Sent <Type>Request (v.., .. bytes, CorrId ..)"
+        // under SEND.
+        if fac == "SEND" {
+            if let Some((_, rest)) = message.split_once(": Sent ") {
+                let kind = rest.split("Request").next().unwrap_or(rest).to_owned();
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                *sent.entry(kind).or_default() += 1;
+                return;
+            }
+        }
+        // Connection failures repeat about once a second while a broker is down and every poll
+        // already reports them as a typed error, so only librdkafka's severe logs are warnings.
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                warn!(target: "librdkafka", fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::trace!(target: "librdkafka", fac, "{message}"),
+            _ => debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Connection errors repeat while a broker is down; the poll reports them typed.
+        debug!(target: "librdkafka", %error, reason, "client error");
+    }
+}
+
+impl ConsumerContext for KafkaClientContext {}
+
+/// The consumer type every Kafka read uses.
+type Client = BaseConsumer<KafkaClientContext>;
+
 struct Cache {
     /// The topic map and when it was read.
     topics: Option<(Instant, TopicMap)>,
@@ -276,7 +340,7 @@ struct Cache {
 /// Consumer-group lag from a Kafka-compatible broker. The rdkafka client is created once and
 /// reused by every poll; it never joins the group (it only reads its commits).
 pub struct KafkaLagSource {
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<Client>,
     settings: KafkaLagSettings,
     cache: Mutex<Cache>,
     poll_interval: Option<Duration>,
@@ -309,7 +373,7 @@ fn client_config(settings: &KafkaLagSettings) -> ClientConfig {
         // Reconnect attempts to a dead broker back off to at most 1 s, so a restarted broker is
         // read again within a poll or two.
         .set("reconnect.backoff.max.ms", "1000")
-        .set("log_level", "3");
+        .set_log_level(RDKafkaLogLevel::Warning);
     let s = &settings.security;
     if let Some(v) = &s.protocol {
         c.set("security.protocol", v);
@@ -394,13 +458,52 @@ impl KafkaLagSource {
     /// does. Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build
     /// without it).
     pub fn new(settings: KafkaLagSettings) -> Result<Self, SignalError> {
-        let consumer: BaseConsumer =
-            client_config(&settings)
-                .create()
-                .map_err(|e| SignalError::InvalidRequest {
-                    backend: BACKEND,
-                    detail: format!("client configuration rejected: {e}"),
-                })?;
+        Self::build(settings, false)
+    }
+
+    /// Like [`new`](Self::new), with librdkafka's protocol debugging on so that
+    /// [`requests_sent`](Self::requests_sent) counts every broker request (for benchmarks and
+    /// diagnosis; it logs a line per request at trace level).
+    pub fn with_request_counting(settings: KafkaLagSettings) -> Result<Self, SignalError> {
+        Self::build(settings, true)
+    }
+
+    /// Broker requests librdkafka sent so far, by type (counted only when created
+    /// [`with_request_counting`](Self::with_request_counting)).
+    pub fn requests_sent(&self) -> BTreeMap<String, u64> {
+        self.serve_events();
+        self.consumer.context().requests_by_type()
+    }
+
+    /// Serves queued librdkafka events (logs → `tracing` and the request counter, errors)
+    /// without blocking, so the queue never grows.
+    fn serve_events(&self) {
+        let logs = || self.consumer.context().logs.load(Ordering::Relaxed);
+        for _ in 0..MAX_EVENTS_SERVED_PER_POLL {
+            let before = logs();
+            // With no partition assigned the consumer yields no message: `Some` is an error
+            // event (the poll reports errors typed), `None` with no new log line means the
+            // queue is empty.
+            if self.consumer.poll(Duration::ZERO).is_none() && logs() == before {
+                return;
+            }
+        }
+    }
+
+    fn build(settings: KafkaLagSettings, count_requests: bool) -> Result<Self, SignalError> {
+        let mut config = client_config(&settings);
+        if count_requests {
+            // Protocol debug lines are logged at debug level: let them through.
+            config
+                .set("debug", "protocol")
+                .set_log_level(RDKafkaLogLevel::Debug);
+        }
+        let consumer: Client = config
+            .create_with_context(KafkaClientContext::default())
+            .map_err(|e| SignalError::InvalidRequest {
+                backend: BACKEND,
+                detail: format!("client configuration rejected: {e}"),
+            })?;
         Ok(KafkaLagSource {
             consumer: Arc::new(consumer),
             settings,
@@ -459,7 +562,9 @@ impl KafkaLagSource {
             servers = %self.settings.bootstrap_servers,
             group = %self.settings.group
         );
-        match tokio::time::timeout(timeout, self.read_offsets().instrument(span)).await {
+        let result = tokio::time::timeout(timeout, self.read_offsets().instrument(span)).await;
+        self.serve_events();
+        match result {
             Ok(Ok((offsets, count))) => {
                 let previous = self.lock().previous.clone();
                 let (report, next) = compute_lag(&offsets, &previous, &self.settings.options);
