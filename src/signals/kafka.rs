@@ -667,9 +667,15 @@ impl KafkaLagSource {
                 all.clone(),
             );
             blocking(move || {
-                consumer
+                let committed = consumer
                     .committed_offsets(tpl, settings.timeout)
-                    .map_err(|e| map_error(&e, &settings, "committed offsets"))
+                    .map_err(|e| map_error(&e, &settings, "committed offsets"))?;
+                // A per-partition error (e.g. not authorized) must not read as "no commit".
+                for e in committed.elements() {
+                    e.error()
+                        .map_err(|err| map_error(&err, &settings, "committed offsets"))?;
+                }
+                Ok(committed)
             })
         };
         let ends = self.list_offsets(&all, Offset::End);
