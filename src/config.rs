@@ -3,6 +3,7 @@
 //! rejected; [`Config::validate`] names the key and the fix for every problem. Secrets are held
 //! in [`Secret`], which never prints its value.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::{PodTemplate, Policy, PolicyKind};
 use crate::model::{GpuTypeId, Usd};
+use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
+use crate::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
 
 /// Prefix of environment overrides; `__` separates path segments
 /// (`RUNPOD_AUTOSCALER__POLICY__MAX_PODS=4`).
@@ -224,6 +227,65 @@ pub enum QueueSourceConfig {
         /// Messages waiting.
         value: f64,
     },
+    /// Consumer-group lag read from Kafka (KEDA kafka-scaler semantics).
+    Kafka(Box<KafkaSourceConfig>),
+}
+
+/// `[signals.queue] source = "kafka"`: the keys mirror KEDA's kafka trigger in snake_case.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Consumer group whose lag is read.
+    pub consumer_group: String,
+    /// Topics; empty = every topic the group has commits for.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Target lag per replica (> 0); caps the total unless idle consumers are allowed.
+    #[serde(default = "defaults::lag_threshold")]
+    pub lag_threshold: i64,
+    /// Active iff lag > this (≥ 0).
+    #[serde(default)]
+    pub activation_lag_threshold: i64,
+    /// `latest` (uncommitted partition counts 1) or `earliest` (log-end − log-start).
+    #[serde(default)]
+    pub offset_reset_policy: OffsetResetPolicy,
+    /// Do not cap the total at partitions × lag_threshold.
+    #[serde(default)]
+    pub allow_idle_consumers: bool,
+    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    #[serde(default)]
+    pub exclude_persistent_lag: bool,
+    /// Partitions without a commit count 0.
+    #[serde(default)]
+    pub scale_to_zero_on_invalid_offset: bool,
+    /// Cap at partitions-with-lag × lag_threshold.
+    #[serde(default)]
+    pub limit_to_partitions_with_lag: bool,
+    /// Only these partition ids count (empty = all).
+    #[serde(default)]
+    pub partition_limitation: Vec<i32>,
+    /// librdkafka `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`).
+    pub security_protocol: Option<String>,
+    /// librdkafka `sasl.mechanism` (`PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`).
+    pub sasl_mechanism: Option<String>,
+    /// SASL user.
+    pub sasl_username: Option<String>,
+    /// SASL password (secret).
+    pub sasl_password: Option<Secret>,
+    /// PEM CA file for TLS.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// PEM client key for mutual TLS.
+    pub ssl_key_file: Option<PathBuf>,
+    /// Bound on one poll.
+    #[serde(with = "humantime_serde", default = "defaults::source_timeout")]
+    pub timeout: Duration,
+    /// Poll interval of this source (default: `signals.poll_interval`).
+    #[serde(with = "humantime_serde", default)]
+    pub poll_interval: Option<Duration>,
 }
 
 /// Where p95 latency comes from.
@@ -235,6 +297,96 @@ pub enum LatencySourceConfig {
         /// p95 in seconds.
         value: f64,
     },
+    /// An instant query against Prometheus (KEDA prometheus-scaler semantics).
+    Prometheus(Box<PrometheusSourceConfig>),
+}
+
+/// `[signals.latency] source = "prometheus"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusSourceConfig {
+    /// Base URL, e.g. `http://prometheus:9090`.
+    pub server_address: String,
+    /// Full PromQL returning one series, in seconds; overrides `metric`.
+    pub query: Option<String>,
+    /// Histogram metric name (without `_bucket`); the query becomes its p95 over 1 minute.
+    pub metric: Option<String>,
+    /// Empty / NaN / ±Inf read as 0 (true, KEDA's default) or are an error (false).
+    #[serde(default = "defaults::yes")]
+    pub ignore_null_values: bool,
+    /// Bound on one query.
+    #[serde(with = "humantime_serde", default = "defaults::source_timeout")]
+    pub timeout: Duration,
+    /// Bearer token (secret); exclusive with basic auth.
+    pub bearer_token: Option<Secret>,
+    /// Basic-auth user.
+    pub basic_auth_username: Option<String>,
+    /// Basic-auth password (secret).
+    pub basic_auth_password: Option<Secret>,
+    /// Extra request headers, e.g. `{ "X-Scope-OrgID" = "team-a" }`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Poll interval of this source (default: `signals.poll_interval`).
+    #[serde(with = "humantime_serde", default)]
+    pub poll_interval: Option<Duration>,
+}
+
+impl KafkaSourceConfig {
+    /// The signal-layer settings.
+    pub fn settings(&self) -> KafkaLagSettings {
+        KafkaLagSettings {
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            group: self.consumer_group.clone(),
+            topics: self.topics.clone(),
+            options: LagOptions {
+                lag_threshold: self.lag_threshold,
+                activation_lag_threshold: self.activation_lag_threshold,
+                offset_reset_policy: self.offset_reset_policy,
+                allow_idle_consumers: self.allow_idle_consumers,
+                exclude_persistent_lag: self.exclude_persistent_lag,
+                scale_to_zero_on_invalid_offset: self.scale_to_zero_on_invalid_offset,
+                limit_to_partitions_with_lag: self.limit_to_partitions_with_lag,
+                partition_limitation: self.partition_limitation.clone(),
+            },
+            security: KafkaSecurity {
+                protocol: self.security_protocol.clone(),
+                sasl_mechanism: self.sasl_mechanism.clone(),
+                sasl_username: self.sasl_username.clone(),
+                sasl_password: self.sasl_password.clone(),
+                ssl_ca_file: self.ssl_ca_file.clone(),
+                ssl_cert_file: self.ssl_cert_file.clone(),
+                ssl_key_file: self.ssl_key_file.clone(),
+            },
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl PrometheusSourceConfig {
+    /// The signal-layer settings.
+    pub fn settings(&self) -> PrometheusSettings {
+        let query = match (&self.query, &self.metric) {
+            (Some(q), _) => q.clone(),
+            (None, Some(m)) => default_query(m),
+            (None, None) => String::new(),
+        };
+        let auth = match (&self.bearer_token, &self.basic_auth_username) {
+            (Some(token), _) => PrometheusAuth::Bearer(token.clone()),
+            (None, Some(user)) => PrometheusAuth::Basic {
+                username: user.clone(),
+                password: self.basic_auth_password.clone().unwrap_or_default(),
+            },
+            (None, None) => PrometheusAuth::None,
+        };
+        PrometheusSettings {
+            server_address: self.server_address.clone(),
+            query,
+            ignore_null_values: self.ignore_null_values,
+            timeout: self.timeout,
+            auth,
+            headers: self.headers.clone(),
+        }
+    }
 }
 
 /// RunPod API access.
@@ -280,6 +432,18 @@ mod defaults {
     }
     pub fn poll_interval() -> Duration {
         Duration::from_secs(5)
+    }
+    /// KEDA's kafka-scaler default.
+    pub fn lag_threshold() -> i64 {
+        10
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    /// Below the default 5 s poll interval, so a stuck backend is noticed within one poll;
+    /// well above a healthy loopback or in-cluster answer (milliseconds).
+    pub fn source_timeout() -> Duration {
+        Duration::from_secs(3)
     }
 }
 
@@ -405,6 +569,7 @@ impl Config {
                 );
             }
             QueueSourceConfig::Static { .. } => {}
+            QueueSourceConfig::Kafka(k) => validate_kafka(k)?,
         }
         match &self.signals.latency {
             Some(LatencySourceConfig::Static { value })
@@ -416,6 +581,7 @@ impl Config {
                     "set the fixed p95 in seconds, e.g. 1.5",
                 );
             }
+            Some(LatencySourceConfig::Prometheus(p)) => validate_prometheus(p)?,
             _ => {}
         }
         if let Some(tls) = &self.service.tls {
@@ -461,6 +627,138 @@ impl Config {
             stale_after_intervals: p.stale_after_intervals,
         }
     }
+}
+
+fn validate_kafka(k: &KafkaSourceConfig) -> Result<(), ConfigError> {
+    let invalid = |key, problem: String, fix| Err(ConfigError::Invalid { key, problem, fix });
+    if k.bootstrap_servers.split(',').all(|s| s.trim().is_empty()) {
+        return invalid(
+            "signals.queue.bootstrap_servers",
+            "is empty".into(),
+            "set the brokers as host:port[,host:port], e.g. \"kafka:9092\"",
+        );
+    }
+    if k.consumer_group.trim().is_empty() {
+        return invalid(
+            "signals.queue.consumer_group",
+            "is empty".into(),
+            "set the consumer group of the GPU workers",
+        );
+    }
+    if k.topics.iter().any(|t| t.trim().is_empty()) {
+        return invalid(
+            "signals.queue.topics",
+            "contains an empty name".into(),
+            "list topic names, or omit the key to use every topic the group committed on",
+        );
+    }
+    if k.lag_threshold <= 0 {
+        return invalid(
+            "signals.queue.lag_threshold",
+            format!("{} is not above zero", k.lag_threshold),
+            "set the target lag per replica, e.g. 10",
+        );
+    }
+    if k.activation_lag_threshold < 0 {
+        return invalid(
+            "signals.queue.activation_lag_threshold",
+            format!("{} is negative", k.activation_lag_threshold),
+            "set 0 or more",
+        );
+    }
+    if k.partition_limitation.iter().any(|p| *p < 0) {
+        return invalid(
+            "signals.queue.partition_limitation",
+            "contains a negative partition id".into(),
+            "list partition ids ≥ 0, e.g. [0, 1, 2]",
+        );
+    }
+    if !k.partition_limitation.is_empty() && k.topics.len() != 1 {
+        return invalid(
+            "signals.queue.partition_limitation",
+            "needs exactly one topic".into(),
+            "set signals.queue.topics to one topic, or remove partition_limitation",
+        );
+    }
+    if k.timeout.is_zero() {
+        return invalid("signals.queue.timeout", "is 0".into(), "set e.g. \"3s\"");
+    }
+    if k.poll_interval.is_some_and(|d| d.is_zero()) {
+        return invalid(
+            "signals.queue.poll_interval",
+            "is 0".into(),
+            "set e.g. \"5s\"",
+        );
+    }
+    if k.sasl_password.is_some() && k.sasl_username.is_none() {
+        return invalid(
+            "signals.queue.sasl_username",
+            "is missing while sasl_password is set".into(),
+            "set the SASL user name",
+        );
+    }
+    Ok(())
+}
+
+fn validate_prometheus(p: &PrometheusSourceConfig) -> Result<(), ConfigError> {
+    let invalid = |key, problem: String, fix| Err(ConfigError::Invalid { key, problem, fix });
+    let addr = p.server_address.trim();
+    if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+        return invalid(
+            "signals.latency.server_address",
+            format!("{addr:?} is not an http(s) URL"),
+            "set e.g. \"http://prometheus.monitoring:9090\"",
+        );
+    }
+    match (&p.query, &p.metric) {
+        (Some(q), _) if q.trim().is_empty() => {
+            return invalid(
+                "signals.latency.query",
+                "is empty".into(),
+                "set a PromQL expression returning one series, or use metric",
+            );
+        }
+        (None, Some(m)) if m.trim().is_empty() => {
+            return invalid(
+                "signals.latency.metric",
+                "is empty".into(),
+                "set the histogram metric name without _bucket, e.g. \"job_duration_seconds\"",
+            );
+        }
+        (None, None) => {
+            return invalid(
+                "signals.latency.query",
+                "neither query nor metric is set".into(),
+                "set metric (a histogram name) or query (full PromQL)",
+            );
+        }
+        _ => {}
+    }
+    if p.bearer_token.is_some() && p.basic_auth_username.is_some() {
+        return invalid(
+            "signals.latency.bearer_token",
+            "is set together with basic_auth_username".into(),
+            "use either a bearer token or basic auth, not both",
+        );
+    }
+    if p.basic_auth_password.is_some() && p.basic_auth_username.is_none() {
+        return invalid(
+            "signals.latency.basic_auth_username",
+            "is missing while basic_auth_password is set".into(),
+            "set the basic-auth user name",
+        );
+    }
+    if p.timeout.is_zero() {
+        return invalid("signals.latency.timeout", "is 0".into(), "set e.g. \"3s\"");
+    }
+    if p.poll_interval.is_some_and(|d| d.is_zero()) {
+        return invalid(
+            "signals.latency.poll_interval",
+            "is 0".into(),
+            "set e.g. \"5s\"",
+        );
+    }
+    Ok(())
 }
 
 /// Figment's message, minus its profile prefix, so keys read as they are written in the file.
@@ -545,5 +843,124 @@ mod tests {
         assert!(!format!("{c:?}").contains("SUPERSECRET"));
         assert!(!serde_json::to_string(&c).unwrap().contains("SUPERSECRET"));
         assert_eq!(c.runpod.api_key.unwrap().expose(), "rpa_SUPERSECRET");
+    }
+
+    const KAFKA_PROM: &str = r#"
+        [policy]
+        max_pods = 4
+        max_usd_per_hour = 3.0
+        gpu_type = "NVIDIA RTX A5000"
+        pod_usd_per_hour = 0.26
+        [signals]
+        poll_interval = "7s"
+        [signals.queue]
+        source = "kafka"
+        bootstrap_servers = "k1:9092,k2:9092"
+        consumer_group = "workers"
+        topics = ["jobs"]
+        lag_threshold = 50
+        offset_reset_policy = "earliest"
+        partition_limitation = [0, 1]
+        security_protocol = "sasl_plaintext"
+        sasl_mechanism = "PLAIN"
+        sasl_username = "svc"
+        sasl_password = "hunter2"
+        [signals.latency]
+        source = "prometheus"
+        server_address = "http://prom:9090"
+        metric = "job_latency_seconds"
+        bearer_token = "tok-123"
+        headers = { "X-Scope-OrgID" = "team-a" }
+        poll_interval = "2s"
+    "#;
+
+    #[test]
+    fn kafka_and_prometheus_sources_parse_with_defaults() {
+        let c = Config::from_toml(KAFKA_PROM).unwrap();
+        let QueueSourceConfig::Kafka(k) = &c.signals.queue else {
+            panic!("kafka expected")
+        };
+        let s = k.settings();
+        assert_eq!(s.options.lag_threshold, 50);
+        assert_eq!(s.options.offset_reset_policy, OffsetResetPolicy::Earliest);
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        assert_eq!(k.poll_interval, None);
+        let Some(LatencySourceConfig::Prometheus(p)) = &c.signals.latency else {
+            panic!("prometheus expected")
+        };
+        let ps = p.settings();
+        assert_eq!(
+            ps.query,
+            "histogram_quantile(0.95, sum(rate(job_latency_seconds_bucket[1m])) by (le))"
+        );
+        assert!(ps.ignore_null_values);
+        assert_eq!(p.poll_interval, Some(Duration::from_secs(2)));
+        // Secrets never print.
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok-123"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn kafka_and_prometheus_errors_name_the_key() {
+        let cases = [
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 0",
+                "signals.queue.lag_threshold",
+            ),
+            (
+                "consumer_group = \"workers\"",
+                "consumer_group = \"\"",
+                "signals.queue.consumer_group",
+            ),
+            (
+                "bootstrap_servers = \"k1:9092,k2:9092\"",
+                "bootstrap_servers = \" \"",
+                "signals.queue.bootstrap_servers",
+            ),
+            (
+                "topics = [\"jobs\"]",
+                "topics = [\"a\", \"b\"]",
+                "signals.queue.partition_limitation",
+            ),
+            (
+                "offset_reset_policy = \"earliest\"",
+                "offset_reset_policy = \"newest\"",
+                "newest",
+            ),
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 50\nlag_treshold = 5",
+                "lag_treshold",
+            ),
+            (
+                "server_address = \"http://prom:9090\"",
+                "server_address = \"prom:9090\"",
+                "signals.latency.server_address",
+            ),
+            (
+                "metric = \"job_latency_seconds\"",
+                "",
+                "signals.latency.query",
+            ),
+            (
+                "bearer_token = \"tok-123\"",
+                "bearer_token = \"t\"\nbasic_auth_username = \"u\"",
+                "signals.latency.bearer_token",
+            ),
+            (
+                "poll_interval = \"2s\"",
+                "poll_interval = \"0s\"",
+                "signals.latency.poll_interval",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = KAFKA_PROM.replacen(from, to, 1);
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key:?} in: {err}");
+        }
     }
 }

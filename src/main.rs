@@ -205,7 +205,8 @@ async fn serve(
             grpc,
             http,
             tls,
-            sources: service::sources_from_config(&config),
+            sources: service::sources_from_config(&config)
+                .context("creating the signal sources (signals.queue / signals.latency)")?,
             poll_interval: config.signals.poll_interval,
             tick_interval: config.service.tick_interval,
             baseline_gpus: config.baseline.gpus,

@@ -21,6 +21,9 @@ pub struct SignalStatus {
     /// Age of the newest value.
     #[serde(with = "humantime_serde")]
     pub age: Option<Duration>,
+    /// How often the source is polled (freshness is judged in multiples of it).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
     /// Whether the newest value is fresh enough to scale down on.
     pub fresh: bool,
     /// Failed polls since start.

@@ -58,7 +58,7 @@ async fn http_endpoints_serve_the_published_plan() {
     let config = static_config();
     let shutdown = CancellationToken::new();
     let running = service::start(
-        parts(service::sources_from_config(&config)).await,
+        parts(service::sources_from_config(&config).unwrap()).await,
         shutdown.clone(),
     )
     .unwrap();

@@ -2,27 +2,24 @@
 
 use std::collections::HashMap;
 
+use super::parity::{parse_kafka, parse_prometheus, ParitySpec};
 use super::ScalerError;
 
 /// Metric name used when the trigger sets none.
 pub const DEFAULT_METRIC_NAME: &str = "gpu-demand";
 
 /// What value a trigger reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Source {
     /// GPU workers the planner wants (baseline + RunPod), from the latest snapshot.
     GpuDemand,
+    /// A KEDA-parity trigger (`scaler: kafka` or `scaler: prometheus`), served from the parity
+    /// cache.
+    Parity(Box<ParitySpec>),
 }
 
 impl Source {
-    const NAMES: &'static str = "gpu-demand";
-
-    fn parse(s: &str) -> Option<Source> {
-        match s {
-            "" | "gpu-demand" => Some(Source::GpuDemand),
-            _ => None,
-        }
-    }
+    const NAMES: &'static str = "gpu-demand, kafka, prometheus";
 }
 
 /// One KEDA trigger, as its metadata configures it.
@@ -41,18 +38,34 @@ pub struct Trigger {
 impl Trigger {
     /// Parses KEDA's `scalerMetadata` map.
     pub fn parse(metadata: &HashMap<String, String>) -> Result<Trigger, ScalerError> {
-        let source = match metadata.get("scaler").map(|s| s.trim()) {
-            None => Source::GpuDemand,
-            Some(name) => Source::parse(name).ok_or_else(|| ScalerError::InvalidMetadata {
-                key: "scaler",
-                problem: format!("unknown scaler {name:?}"),
-                fix: format!("use one of: {}", Source::NAMES),
-            })?,
+        let parity = match metadata.get("scaler").map(|s| s.trim()) {
+            None | Some("") | Some("gpu-demand") => None,
+            Some("kafka") => Some(parse_kafka(metadata)?),
+            Some("prometheus") => Some(parse_prometheus(metadata)?),
+            Some(name) => {
+                return Err(ScalerError::InvalidMetadata {
+                    key: "scaler",
+                    problem: format!("unknown scaler {name:?}"),
+                    fix: format!("use one of: {}", Source::NAMES),
+                })
+            }
         };
+        let default_name = parity
+            .as_ref()
+            .map_or(DEFAULT_METRIC_NAME, |(_, _, _, name)| name.as_str());
         let metric_name = match metadata.get("metricName").map(|s| s.trim()) {
-            None | Some("") => DEFAULT_METRIC_NAME.to_owned(),
+            None | Some("") => default_name.to_owned(),
             Some(name) => name.to_owned(),
         };
+        if let Some((spec, target, activation_threshold, _)) = parity {
+            // KEDA's own keys (lagThreshold / threshold, activation*) set target and activation.
+            return Ok(Trigger {
+                metric_name,
+                target,
+                activation_threshold,
+                source: Source::Parity(Box::new(spec)),
+            });
+        }
         let target = number(metadata, "targetSize", 1.0)?;
         if target <= 0.0 {
             return Err(ScalerError::InvalidMetadata {
@@ -66,7 +79,7 @@ impl Trigger {
             metric_name,
             target,
             activation_threshold,
-            source,
+            source: Source::GpuDemand,
         })
     }
 }

@@ -3,11 +3,14 @@
 //! serves the standard `grpc.health.v1` service and, when configured, TLS or mutual TLS.
 
 mod metadata;
+pub mod parity;
 
 pub use metadata::{Source, Trigger, DEFAULT_METRIC_NAME};
+pub use parity::{Parity, ParityReading, ParitySpec};
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -38,6 +41,9 @@ pub enum ScalerError {
         /// What to do.
         fix: String,
     },
+    /// A parity trigger's Kafka or Prometheus read failed (KEDA applies its fallback).
+    #[error("source unavailable: {0}")]
+    SourceUnavailable(String),
     /// No tick has completed yet.
     #[error("no plan yet: the autoscaler has not completed its first tick; retry shortly")]
     NotReady,
@@ -53,7 +59,9 @@ impl From<ScalerError> for Status {
     fn from(e: ScalerError) -> Status {
         match e {
             ScalerError::InvalidMetadata { .. } => Status::invalid_argument(e.to_string()),
-            ScalerError::NotReady => Status::unavailable(e.to_string()),
+            ScalerError::NotReady | ScalerError::SourceUnavailable(_) => {
+                Status::unavailable(e.to_string())
+            }
             ScalerError::Tls(_) | ScalerError::Transport(_) => Status::internal(e.to_string()),
         }
     }
@@ -85,19 +93,57 @@ pub struct ScalerService {
     snapshots: SnapshotReceiver,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    parity: Arc<Parity>,
 }
 
 impl ScalerService {
-    /// A service answering from `snapshots`; open streams end when `shutdown` fires.
+    /// A service answering from `snapshots` (and, for parity triggers, from a cache refreshed
+    /// every [`parity::DEFAULT_REFRESH_INTERVAL`]); open streams end when `shutdown` fires.
     pub fn new(
         snapshots: SnapshotReceiver,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let parity = Arc::new(Parity::new(
+            parity::DEFAULT_REFRESH_INTERVAL,
+            parity::DEFAULT_IDLE_TTL,
+            shutdown.clone(),
+        ));
         ScalerService {
             snapshots,
             shutdown,
             metrics,
+            parity,
+        }
+    }
+
+    /// Replaces the parity cache timing (tests use short intervals).
+    pub fn with_parity_timing(mut self, refresh_interval: Duration, idle_ttl: Duration) -> Self {
+        self.parity = Arc::new(Parity::new(
+            refresh_interval,
+            idle_ttl,
+            self.shutdown.clone(),
+        ));
+        self
+    }
+
+    /// The parity cache (for tests and introspection).
+    pub fn parity(&self) -> &Arc<Parity> {
+        &self.parity
+    }
+
+    /// The value and activation of `trigger`: from the snapshot, or the parity cache.
+    async fn reading(&self, trigger: &Trigger) -> Result<ParityReading, ScalerError> {
+        match &trigger.source {
+            Source::GpuDemand => {
+                let snapshot = self.current().ok_or(ScalerError::NotReady)?;
+                let value = value_of(&snapshot);
+                Ok(ParityReading {
+                    value,
+                    active: value > trigger.activation_threshold,
+                })
+            }
+            Source::Parity(spec) => self.parity.read(spec).await,
         }
     }
 
@@ -120,11 +166,9 @@ impl ScalerService {
     }
 }
 
-/// The value a trigger reads from a snapshot: finite and non-negative.
-fn value_of(trigger: &Trigger, snapshot: &Snapshot) -> f64 {
-    let v = match trigger.source {
-        Source::GpuDemand => snapshot.gpu_demand(),
-    };
+/// The `gpu-demand` value of a snapshot: finite and non-negative.
+fn value_of(snapshot: &Snapshot) -> f64 {
+    let v = snapshot.gpu_demand();
     if v.is_finite() && v > 0.0 {
         v
     } else {
@@ -150,12 +194,13 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let result = metadata_of(request.get_ref()).and_then(|trigger| {
-            let snapshot = self.current().ok_or(ScalerError::NotReady)?;
-            Ok(IsActiveResponse {
-                result: value_of(&trigger, &snapshot) > trigger.activation_threshold,
-            })
-        });
+        let result = match metadata_of(request.get_ref()) {
+            Ok(trigger) => self
+                .reading(&trigger)
+                .await
+                .map(|r| IsActiveResponse { result: r.active }),
+            Err(e) => Err(e),
+        };
         self.answer("IsActive", result)
     }
 
@@ -171,12 +216,16 @@ impl ExternalScaler for ScalerService {
         };
         // One message in flight is plenty: only transitions are sent.
         let (tx, rx) = mpsc::channel(2);
+        if let Source::Parity(spec) = &trigger.source {
+            let stream = self.parity_stream((**spec).clone());
+            return self.answer("StreamIsActive", Ok(stream));
+        }
         let mut snapshots = self.snapshots.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let active_now = |s: &Option<Arc<Snapshot>>| {
                 s.as_ref()
-                    .is_some_and(|s| value_of(&trigger, s) > trigger.activation_threshold)
+                    .is_some_and(|s| value_of(s) > trigger.activation_threshold)
             };
             let mut was_active = active_now(&snapshots.borrow_and_update());
             if tx
@@ -214,7 +263,16 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let result = metadata_of(request.get_ref()).map(|t| GetMetricSpecResponse {
+        let result = metadata_of(request.get_ref());
+        if let Ok(Trigger {
+            source: Source::Parity(spec),
+            ..
+        }) = &result
+        {
+            // Start the first read now so the GetMetrics that follows finds it cached.
+            self.parity.prefetch(spec).await;
+        }
+        let result = result.map(|t| GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: t.metric_name,
                 target_size: ceil_i64(t.target),
@@ -230,23 +288,62 @@ impl ExternalScaler for ScalerService {
     ) -> Result<Response<GetMetricsResponse>, Status> {
         let req = request.get_ref();
         let empty = ScaledObjectRef::default();
-        let result = metadata_of(req.scaled_object_ref.as_ref().unwrap_or(&empty)).and_then(|t| {
-            let snapshot = self.current().ok_or(ScalerError::NotReady)?;
-            let value = value_of(&t, &snapshot);
-            let metric_name = if req.metric_name.is_empty() {
-                t.metric_name
-            } else {
-                req.metric_name.clone()
-            };
-            Ok(GetMetricsResponse {
-                metric_values: vec![MetricValue {
-                    metric_name,
-                    metric_value: ceil_i64(value),
-                    metric_value_float: value,
-                }],
-            })
-        });
+        let result = match metadata_of(req.scaled_object_ref.as_ref().unwrap_or(&empty)) {
+            Ok(t) => self.reading(&t).await.map(|r| {
+                let metric_name = if req.metric_name.is_empty() {
+                    t.metric_name
+                } else {
+                    req.metric_name.clone()
+                };
+                GetMetricsResponse {
+                    metric_values: vec![MetricValue {
+                        metric_name,
+                        metric_value: ceil_i64(r.value),
+                        metric_value_float: r.value,
+                    }],
+                }
+            }),
+            Err(e) => Err(e),
+        };
         self.answer("GetMetrics", result)
+    }
+}
+
+impl ScalerService {
+    /// `StreamIsActive` for a parity trigger: the current state on open, then inactive→active
+    /// transitions as the cache refreshes; ends (OK) on shutdown.
+    fn parity_stream(&self, spec: ParitySpec) -> ActiveStream {
+        // One message in flight is plenty: only transitions are sent.
+        let (tx, rx) = mpsc::channel(2);
+        let parity = Arc::clone(&self.parity);
+        let shutdown = self.shutdown.clone();
+        let every = parity.refresh_interval();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            let mut was_active: Option<bool> = None;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = ticks.tick() => {}
+                }
+                let active = parity.read(&spec).await.is_ok_and(|r| r.active);
+                let send = match was_active {
+                    None => true,
+                    Some(before) => active && !before,
+                };
+                if send
+                    && tx
+                        .send(Ok(IsActiveResponse { result: active }))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                was_active = Some(active);
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
     }
 }
 

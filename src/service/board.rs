@@ -28,14 +28,18 @@ pub struct SignalBoard {
 }
 
 impl SignalBoard {
-    /// A board for the queue signal and, when `with_latency`, the latency signal; samples are
-    /// kept for `retention`.
-    pub fn new(poll_interval: Duration, retention: Duration, with_latency: bool) -> Self {
+    /// A board for the queue signal (polled every `queue_interval`) and, when
+    /// `latency_interval` is set, the latency signal; samples are kept for `retention`.
+    pub fn new(
+        queue_interval: Duration,
+        latency_interval: Option<Duration>,
+        retention: Duration,
+    ) -> Self {
         SignalBoard {
             inner: Mutex::new(Inner {
                 signals: Signals {
-                    queue: Series::new(poll_interval, retention),
-                    latency: with_latency.then(|| Series::new(poll_interval, retention)),
+                    queue: Series::new(queue_interval, retention),
+                    latency: latency_interval.map(|i| Series::new(i, retention)),
                 },
                 queue: Health::default(),
                 latency: Health::default(),
@@ -103,6 +107,7 @@ impl SignalBoard {
         for (signal, series, health) in entries {
             let Some(series) = series else { continue };
             out.push(SignalStatus {
+                poll_interval: series.poll_interval,
                 signal,
                 value: series.latest().map(|s| s.value),
                 age: series.age(now),

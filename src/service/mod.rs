@@ -22,7 +22,9 @@ use crate::clock::Clock;
 use crate::config::{Config, LatencySourceConfig, QueueSourceConfig};
 use crate::decide::{decide, ClusterView, Plan, Policy, Step};
 use crate::scaler::{self, ScalerService, TlsMaterial};
-use crate::signals::{SignalKind, SignalSource, StaticSource};
+use crate::signals::{
+    KafkaLagSource, PrometheusSource, SignalError, SignalKind, SignalSource, StaticSource,
+};
 use crate::snapshot::{self, Snapshot, SnapshotSender};
 use crate::telemetry::Metrics;
 
@@ -47,7 +49,7 @@ pub struct ServiceParts {
     pub tls: Option<TlsMaterial>,
     /// Signal sources (one per signal kind).
     pub sources: Vec<Arc<dyn SignalSource>>,
-    /// Poll interval of every source.
+    /// Poll interval of sources that do not set their own.
     pub poll_interval: Duration,
     /// Tick interval.
     pub tick_interval: Duration,
@@ -59,18 +61,33 @@ pub struct ServiceParts {
     pub clock: Arc<dyn Clock>,
 }
 
-/// The signal sources a configuration describes.
-pub fn sources_from_config(config: &Config) -> Vec<Arc<dyn SignalSource>> {
+/// The signal sources a configuration describes. Clients are created here (no network I/O
+/// yet); fails only when a client rejects its configuration.
+pub fn sources_from_config(config: &Config) -> Result<Vec<Arc<dyn SignalSource>>, SignalError> {
     let mut sources: Vec<Arc<dyn SignalSource>> = Vec::new();
+    let default_interval = config.signals.poll_interval;
     match &config.signals.queue {
         QueueSourceConfig::Static { value } => {
             sources.push(Arc::new(StaticSource::new(SignalKind::QueueLag, *value)));
         }
+        QueueSourceConfig::Kafka(k) => {
+            let source = KafkaLagSource::new(k.settings())?
+                .with_poll_interval(k.poll_interval.unwrap_or(default_interval));
+            sources.push(Arc::new(source));
+        }
     }
-    if let Some(LatencySourceConfig::Static { value }) = &config.signals.latency {
-        sources.push(Arc::new(StaticSource::new(SignalKind::LatencyP95, *value)));
+    match &config.signals.latency {
+        Some(LatencySourceConfig::Static { value }) => {
+            sources.push(Arc::new(StaticSource::new(SignalKind::LatencyP95, *value)));
+        }
+        Some(LatencySourceConfig::Prometheus(p)) => {
+            let source = PrometheusSource::new(SignalKind::LatencyP95, p.settings())?
+                .with_poll_interval(p.poll_interval.unwrap_or(default_interval));
+            sources.push(Arc::new(source));
+        }
+        None => {}
     }
-    sources
+    Ok(sources)
 }
 
 /// Handles of a running service, for tests and `main`.
@@ -110,16 +127,22 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
     let err_tx = Arc::new(err_tx);
     let tracker = TaskTracker::new();
 
-    let with_latency = parts
-        .sources
-        .iter()
-        .any(|s| s.kind() == SignalKind::LatencyP95);
+    let interval_of = |kind: SignalKind| {
+        parts
+            .sources
+            .iter()
+            .find(|s| s.kind() == kind)
+            .map(|s| s.poll_interval().unwrap_or(parts.poll_interval))
+    };
+    let queue_interval = interval_of(SignalKind::QueueLag).unwrap_or(parts.poll_interval);
+    let latency_interval = interval_of(SignalKind::LatencyP95);
+    let slowest = queue_interval.max(latency_interval.unwrap_or_default());
     // Keep enough history for the stabilization window plus one sample before it.
-    let retention = parts.policy.scale_down_stabilization + parts.poll_interval * 2;
+    let retention = parts.policy.scale_down_stabilization + slowest * 2;
     let board = Arc::new(SignalBoard::new(
-        parts.poll_interval,
+        queue_interval,
+        latency_interval,
         retention,
-        with_latency,
     ));
     let (first_round_tx, first_round_rx) = watch::channel(0usize);
     let first_round_tx = Arc::new(first_round_tx);
@@ -128,7 +151,7 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
             Arc::clone(source),
             Arc::clone(&board),
             Arc::clone(&parts.clock),
-            parts.poll_interval,
+            source.poll_interval().unwrap_or(parts.poll_interval),
             Arc::clone(&metrics),
             Arc::clone(&first_round_tx),
             shutdown.clone(),
@@ -144,7 +167,7 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
         snapshots: tx,
     };
     let sources = parts.sources.len();
-    let (tick_interval, poll_interval) = (parts.tick_interval, parts.poll_interval);
+    let (tick_interval, poll_interval) = (parts.tick_interval, slowest);
     let tick_shutdown = shutdown.clone();
     tracker.spawn(async move {
         // Let every source report once (bounded) so the first plan sees real signals.

@@ -43,6 +43,46 @@ pub enum SignalError {
         /// The timeout.
         timeout_ms: u64,
     },
+    /// A named object does not exist (unknown topic or consumer group).
+    #[error("{backend}: {detail}")]
+    NotFound {
+        /// Which backend.
+        backend: &'static str,
+        /// What is missing and how to fix it.
+        detail: String,
+    },
+    /// Authentication or authorization failed.
+    #[error("{backend}: {detail}")]
+    Unauthorized {
+        /// Which backend.
+        backend: &'static str,
+        /// What failed and what to check.
+        detail: String,
+    },
+    /// The request itself is wrong (bad query, rejected client configuration).
+    #[error("{backend}: {detail}")]
+    InvalidRequest {
+        /// Which backend.
+        backend: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The answer holds no usable value (no series, NaN or ±Inf while nulls are not ignored).
+    #[error("{backend}: {detail}")]
+    NoValue {
+        /// Which backend.
+        backend: &'static str,
+        /// What came back and what to change.
+        detail: String,
+    },
+    /// The query returned more than one series where exactly one is needed.
+    #[error("{backend}: the query returned {count} series, exactly one is needed; aggregate it (e.g. with sum(...) or a label matcher)")]
+    SeveralSeries {
+        /// Which backend.
+        backend: &'static str,
+        /// How many series came back.
+        count: usize,
+    },
     /// The backend answered, but the answer cannot be used.
     #[error("{backend}: {detail}")]
     BadAnswer {
@@ -56,7 +96,12 @@ pub enum SignalError {
 impl SignalError {
     /// True when polling again may succeed without a configuration change.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SignalError::BadAnswer { .. })
+        matches!(
+            self,
+            SignalError::Unreachable { .. }
+                | SignalError::Timeout { .. }
+                | SignalError::NoValue { .. }
+        )
     }
 }
 
@@ -66,6 +111,10 @@ impl SignalError {
 pub trait SignalSource: Send + Sync + 'static {
     /// The signal produced.
     fn kind(&self) -> SignalKind;
+    /// The source's own poll interval; `None` uses the service default (`signals.poll_interval`).
+    fn poll_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Takes one sample.
     async fn sample(&self) -> Result<f64, SignalError>;
 }

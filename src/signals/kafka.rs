@@ -1,0 +1,1017 @@
+//! Kafka consumer-group lag with the semantics of KEDA's `kafka` scaler.
+//!
+//! Two halves: [`compute_lag`] is the pure arithmetic (committed offsets + watermarks + the
+//! previous poll's commits + options → per-partition lag, capped metric, activation), and
+//! [`KafkaLagSource`] is the rdkafka I/O around it. One poll issues one OffsetFetch for every
+//! partition and one batched ListOffsets (latest) concurrently with it, plus a batched
+//! ListOffsets (earliest) only when the earliest reset policy needs log starts. Topic metadata
+//! is cached for [`METADATA_REFRESH`]. rdkafka is imported by this module only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::source::{SignalError, SignalKind, SignalSource};
+use crate::config::Secret;
+
+const BACKEND: &str = "kafka";
+
+/// How long the topic → partitions map is reused before it is fetched again. Partitions are
+/// added rarely (an operator action); 30 s bounds how long a new partition goes unseen while
+/// saving one Metadata round trip on almost every poll.
+pub const METADATA_REFRESH: Duration = Duration::from_secs(30);
+
+/// librdkafka queues its logs and error events for the client to serve; the source never
+/// consumes messages, so it serves them after every poll, at most this many at a time. A few
+/// arrive per second at most (more with `debug=protocol`: a few per request), so 4096 per poll
+/// keeps the queue empty without letting a flood stall a poll.
+const MAX_EVENTS_SERVED_PER_POLL: usize = 4096;
+
+/// What a partition without a committed offset counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetResetPolicy {
+    /// The consumer would start at the end: the partition counts 1 (KEDA's rule).
+    #[default]
+    Latest,
+    /// The consumer would start at the beginning: the partition counts log-end − log-start.
+    Earliest,
+}
+
+/// KEDA's kafka scaler options that shape the lag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LagOptions {
+    /// Target lag per replica (`lagThreshold`, > 0).
+    pub lag_threshold: i64,
+    /// Active iff lag (persistent lag included) > this (`activationLagThreshold`, ≥ 0).
+    pub activation_lag_threshold: i64,
+    /// What a partition without a commit counts as.
+    pub offset_reset_policy: OffsetResetPolicy,
+    /// When false, the total is capped at partitions × `lag_threshold`.
+    pub allow_idle_consumers: bool,
+    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    pub exclude_persistent_lag: bool,
+    /// Partitions without a commit count 0.
+    pub scale_to_zero_on_invalid_offset: bool,
+    /// Cap at partitions-with-lag × `lag_threshold` instead of all partitions.
+    pub limit_to_partitions_with_lag: bool,
+    /// Only these partition ids count (empty = all).
+    pub partition_limitation: Vec<i32>,
+}
+
+impl Default for LagOptions {
+    fn default() -> Self {
+        LagOptions {
+            // KEDA's defaults.
+            lag_threshold: 10,
+            activation_lag_threshold: 0,
+            offset_reset_policy: OffsetResetPolicy::Latest,
+            allow_idle_consumers: false,
+            exclude_persistent_lag: false,
+            scale_to_zero_on_invalid_offset: false,
+            limit_to_partitions_with_lag: false,
+            partition_limitation: Vec::new(),
+        }
+    }
+}
+
+/// The offsets of one partition as read from the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    /// Topic name.
+    pub topic: String,
+    /// Partition id.
+    pub partition: i32,
+    /// The group's committed offset; `None` when the group never committed here.
+    pub committed: Option<i64>,
+    /// Log start (low watermark); only needed for the earliest policy.
+    pub log_start: Option<i64>,
+    /// Log end (high watermark).
+    pub log_end: i64,
+}
+
+/// Lag of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionLag {
+    /// Topic name.
+    pub topic: String,
+    /// Partition id.
+    pub partition: i32,
+    /// Lag counted for scaling (0 when excluded as persistent).
+    pub lag: i64,
+    /// Lag counted for activation (persistent lag included).
+    pub lag_with_persistent: i64,
+}
+
+/// The result of one lag computation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LagReport {
+    /// Per-partition lag, sorted by topic and partition.
+    pub partitions: Vec<PartitionLag>,
+    /// Σ lag before the cap.
+    pub total_lag: i64,
+    /// Σ lag with persistent lag included (drives activation).
+    pub total_lag_with_persistent: i64,
+    /// The value KEDA serves: total lag, capped unless idle consumers are allowed.
+    pub metric: i64,
+    /// KEDA's `IsActive`: `total_lag_with_persistent > activation_lag_threshold`.
+    pub active: bool,
+}
+
+/// Committed offsets seen at the previous poll, for `excludePersistentLag`.
+pub type PreviousCommits = HashMap<(String, i32), i64>;
+
+/// KEDA's kafka-scaler lag arithmetic. Pure: given the offsets read now, the commits seen at the
+/// previous poll and the options, returns the report and the commits to remember for the next
+/// poll. Negative differences (a commit past a stale watermark) count 0.
+pub fn compute_lag(
+    offsets: &[PartitionOffsets],
+    previous: &PreviousCommits,
+    options: &LagOptions,
+) -> (LagReport, PreviousCommits) {
+    let mut next = PreviousCommits::new();
+    let mut partitions = Vec::with_capacity(offsets.len());
+    let (mut total, mut total_persistent, mut counted, mut with_lag) = (0i64, 0i64, 0i64, 0i64);
+    let mut sorted: Vec<&PartitionOffsets> = offsets
+        .iter()
+        .filter(|p| {
+            options.partition_limitation.is_empty()
+                || options.partition_limitation.contains(&p.partition)
+        })
+        .collect();
+    sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    for p in sorted {
+        let (lag, lag_with_persistent) = match p.committed {
+            None => {
+                let v = if options.scale_to_zero_on_invalid_offset {
+                    0
+                } else {
+                    match options.offset_reset_policy {
+                        OffsetResetPolicy::Latest => 1,
+                        OffsetResetPolicy::Earliest => {
+                            p.log_end.saturating_sub(p.log_start.unwrap_or(0)).max(0)
+                        }
+                    }
+                };
+                (v, v)
+            }
+            Some(committed) => {
+                let lag = p.log_end.saturating_sub(committed).max(0);
+                let key = (p.topic.clone(), p.partition);
+                let persistent = options.exclude_persistent_lag
+                    && previous.get(&key).is_some_and(|prev| *prev == committed);
+                if options.exclude_persistent_lag {
+                    next.insert(key, committed);
+                }
+                if persistent {
+                    (0, lag)
+                } else {
+                    (lag, lag)
+                }
+            }
+        };
+        total = total.saturating_add(lag);
+        total_persistent = total_persistent.saturating_add(lag_with_persistent);
+        counted += 1;
+        if lag > 0 {
+            with_lag += 1;
+        }
+        partitions.push(PartitionLag {
+            topic: p.topic.clone(),
+            partition: p.partition,
+            lag,
+            lag_with_persistent,
+        });
+    }
+    let mut metric = total;
+    if !options.allow_idle_consumers || options.limit_to_partitions_with_lag {
+        let upper = if options.limit_to_partitions_with_lag {
+            with_lag
+        } else {
+            counted
+        };
+        let threshold = options.lag_threshold.max(1);
+        // KEDA compares with integer division: total / threshold > upper.
+        if total / threshold > upper {
+            metric = upper.saturating_mul(threshold);
+        }
+    }
+    let report = LagReport {
+        partitions,
+        total_lag: total,
+        total_lag_with_persistent: total_persistent,
+        metric,
+        active: total_persistent > options.activation_lag_threshold,
+    };
+    (report, next)
+}
+
+/// Client security settings passed through to librdkafka.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaSecurity {
+    /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: Option<String>,
+    /// `sasl.mechanism`, e.g. `PLAIN` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password` (never logged).
+    pub sasl_password: Option<Secret>,
+    /// `ssl.ca.location`.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// `ssl.certificate.location`.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// `ssl.key.location`.
+    pub ssl_key_file: Option<PathBuf>,
+}
+
+/// Everything needed to read one consumer group's lag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaLagSettings {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Consumer group whose commits are read.
+    pub group: String,
+    /// Topics; empty = every topic the group has commits for.
+    pub topics: Vec<String>,
+    /// KEDA's options.
+    pub options: LagOptions,
+    /// Security pass-through.
+    pub security: KafkaSecurity,
+    /// Bound on one whole poll.
+    pub timeout: Duration,
+}
+
+/// Broker requests one poll issued, counted by this module (each is one round trip to one
+/// broker; the OffsetFetch and the ListOffsets go out concurrently).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCount {
+    /// Metadata requests (only when the cached topic map expired).
+    pub metadata: u32,
+    /// OffsetFetch requests (committed offsets).
+    pub offset_fetch: u32,
+    /// ListOffsets requests (one per leader broker per end of the log).
+    pub list_offsets: u32,
+}
+
+impl RequestCount {
+    /// All requests.
+    pub fn total(&self) -> u32 {
+        self.metadata + self.offset_fetch + self.list_offsets
+    }
+}
+
+/// Topic → (partition id, leader broker id) pairs.
+type TopicMap = BTreeMap<String, Vec<(i32, i32)>>;
+
+/// librdkafka callbacks: its logs and errors go to `tracing`; when protocol debugging is on
+/// (`debug=protocol`, see [`KafkaLagSource::with_request_counting`]) every request librdkafka
+/// sends to a broker is counted, so round trips are measured by the library itself.
+#[derive(Debug, Default)]
+pub struct KafkaClientContext {
+    sent: Mutex<BTreeMap<String, u64>>,
+    logs: AtomicU64,
+}
+
+impl KafkaClientContext {
+    /// Requests sent to brokers so far (0 unless `debug=protocol` is set on the client).
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_by_type().values().sum()
+    }
+
+    /// Requests sent to brokers so far, by request type (e.g. `OffsetFetch`).
+    pub fn requests_by_type(&self) -> BTreeMap<String, u64> {
+        self.sent.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ClientContext for KafkaClientContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.logs.fetch_add(1, Ordering::Relaxed);
+        // librdkafka logs "[thrd:..]: broker: Sent <Type>Request (v.., .. bytes, CorrId ..)"
+        // under SEND.
+        if fac == "SEND" {
+            if let Some((_, rest)) = message.split_once(": Sent ") {
+                let kind = rest.split("Request").next().unwrap_or(rest).to_owned();
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                *sent.entry(kind).or_default() += 1;
+                return;
+            }
+        }
+        // Connection failures repeat about once a second while a broker is down and every poll
+        // already reports them as a typed error, so only librdkafka's severe logs are warnings.
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                warn!(target: "librdkafka", fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::trace!(target: "librdkafka", fac, "{message}"),
+            _ => debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Connection errors repeat while a broker is down; the poll reports them typed.
+        debug!(target: "librdkafka", %error, reason, "client error");
+    }
+}
+
+impl ConsumerContext for KafkaClientContext {}
+
+/// The consumer type every Kafka read uses.
+type Client = BaseConsumer<KafkaClientContext>;
+
+struct Cache {
+    /// The topic map and when it was read.
+    topics: Option<(Instant, TopicMap)>,
+    previous: PreviousCommits,
+}
+
+/// Consumer-group lag from a Kafka-compatible broker. The rdkafka client is created once and
+/// reused by every poll; it never joins the group (it only reads its commits).
+pub struct KafkaLagSource {
+    consumer: Arc<Client>,
+    settings: KafkaLagSettings,
+    cache: Mutex<Cache>,
+    poll_interval: Option<Duration>,
+}
+
+impl std::fmt::Debug for KafkaLagSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLagSource")
+            .field("bootstrap_servers", &self.settings.bootstrap_servers)
+            .field("group", &self.settings.group)
+            .field("topics", &self.settings.topics)
+            .finish()
+    }
+}
+
+/// The librdkafka configuration for `settings` (secrets included: never log it).
+fn client_config(settings: &KafkaLagSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // librdkafka's allowed ranges: socket.timeout.ms ≥ 10, connection setup ≥ 1000 ms. The
+    // poll itself is still bounded by `settings.timeout` from the outside.
+    let ms = settings.timeout.as_millis();
+    let timeout_ms = ms.clamp(10, i32::MAX as u128).to_string();
+    let setup_ms = ms.clamp(1000, i32::MAX as u128).to_string();
+    c.set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("socket.timeout.ms", &timeout_ms)
+        .set("socket.connection.setup.timeout.ms", &setup_ms)
+        // Reconnect attempts to a dead broker back off to at most 1 s, so a restarted broker is
+        // read again within a poll or two.
+        .set("reconnect.backoff.max.ms", "1000")
+        .set_log_level(RDKafkaLogLevel::Warning);
+    let s = &settings.security;
+    if let Some(v) = &s.protocol {
+        c.set("security.protocol", v);
+    }
+    if let Some(v) = &s.sasl_mechanism {
+        c.set("sasl.mechanism", v);
+    }
+    if let Some(v) = &s.sasl_username {
+        c.set("sasl.username", v);
+    }
+    if let Some(v) = &s.sasl_password {
+        c.set("sasl.password", v.expose());
+    }
+    for (key, path) in [
+        ("ssl.ca.location", &s.ssl_ca_file),
+        ("ssl.certificate.location", &s.ssl_cert_file),
+        ("ssl.key.location", &s.ssl_key_file),
+    ] {
+        if let Some(p) = path {
+            c.set(key, p.to_string_lossy());
+        }
+    }
+    c
+}
+
+/// Maps an rdkafka error to a typed, actionable [`SignalError`]. Never includes secrets
+/// (librdkafka's messages carry no credentials).
+fn map_error(e: &KafkaError, settings: &KafkaLagSettings, what: &str) -> SignalError {
+    use RDKafkaErrorCode as C;
+    let servers = &settings.bootstrap_servers;
+    let timeout_ms = u64::try_from(settings.timeout.as_millis()).unwrap_or(u64::MAX);
+    match e.rdkafka_error_code() {
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => {
+            SignalError::NotFound {
+                backend: BACKEND,
+                detail: format!(
+                    "{what}: unknown topic {:?} on {servers}; create it or fix the topic name",
+                    settings.topics
+                ),
+            }
+        }
+        Some(C::GroupIdNotFound | C::InvalidGroupId) => SignalError::NotFound {
+            backend: BACKEND,
+            detail: format!(
+                "{what}: consumer group {:?} not found on {servers}; check the group name",
+                settings.group
+            ),
+        },
+        Some(
+            C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed,
+        ) => SignalError::Unauthorized {
+            backend: BACKEND,
+            detail: format!(
+                "{what}: authentication or authorization failed on {servers}; check the SASL/TLS \
+                 settings and the ACLs for group {:?}",
+                settings.group
+            ),
+        },
+        Some(C::OperationTimedOut | C::RequestTimedOut) => SignalError::Timeout {
+            backend: BACKEND,
+            timeout_ms,
+        },
+        Some(C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::NetworkException) => {
+            SignalError::Unreachable {
+                backend: BACKEND,
+                detail: format!("{what}: cannot reach {servers}: {e}"),
+            }
+        }
+        _ => SignalError::Unreachable {
+            backend: BACKEND,
+            detail: format!("{what}: {servers}: {e}; check that the brokers are up and reachable"),
+        },
+    }
+}
+
+impl KafkaLagSource {
+    /// A source for `settings`. Creating the client does not contact the broker; the first poll
+    /// does. Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build
+    /// without it).
+    pub fn new(settings: KafkaLagSettings) -> Result<Self, SignalError> {
+        Self::build(settings, false)
+    }
+
+    /// Like [`new`](Self::new), with librdkafka's protocol debugging on so that
+    /// [`requests_sent`](Self::requests_sent) counts every broker request (for benchmarks and
+    /// diagnosis; it logs a line per request at trace level).
+    pub fn with_request_counting(settings: KafkaLagSettings) -> Result<Self, SignalError> {
+        Self::build(settings, true)
+    }
+
+    /// Broker requests librdkafka sent so far, by type (counted only when created
+    /// [`with_request_counting`](Self::with_request_counting)).
+    pub fn requests_sent(&self) -> BTreeMap<String, u64> {
+        self.serve_events();
+        self.consumer.context().requests_by_type()
+    }
+
+    /// Serves queued librdkafka events (logs → `tracing` and the request counter, errors)
+    /// without blocking, so the queue never grows.
+    fn serve_events(&self) {
+        let logs = || self.consumer.context().logs.load(Ordering::Relaxed);
+        for _ in 0..MAX_EVENTS_SERVED_PER_POLL {
+            let before = logs();
+            // With no partition assigned the consumer yields no message: `Some` is an error
+            // event (the poll reports errors typed), `None` with no new log line means the
+            // queue is empty.
+            if self.consumer.poll(Duration::ZERO).is_none() && logs() == before {
+                return;
+            }
+        }
+    }
+
+    fn build(settings: KafkaLagSettings, count_requests: bool) -> Result<Self, SignalError> {
+        let mut config = client_config(&settings);
+        if count_requests {
+            // Protocol debug lines are logged at debug level: let them through.
+            config
+                .set("debug", "protocol")
+                .set_log_level(RDKafkaLogLevel::Debug);
+        }
+        let consumer: Client = config
+            .create_with_context(KafkaClientContext::default())
+            .map_err(|e| SignalError::InvalidRequest {
+                backend: BACKEND,
+                detail: format!("client configuration rejected: {e}"),
+            })?;
+        Ok(KafkaLagSource {
+            consumer: Arc::new(consumer),
+            settings,
+            cache: Mutex::new(Cache {
+                topics: None,
+                previous: PreviousCommits::new(),
+            }),
+            poll_interval: None,
+        })
+    }
+
+    /// Sets the source's own poll interval (the service's default otherwise).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = Some(interval);
+        self
+    }
+
+    /// A source for other topics and options of the same brokers and group that shares this
+    /// source's client (its connections and metadata); its persistent-lag memory is its own.
+    pub fn sharing_client(&self, topics: Vec<String>, options: LagOptions) -> KafkaLagSource {
+        KafkaLagSource {
+            consumer: Arc::clone(&self.consumer),
+            settings: KafkaLagSettings {
+                topics,
+                options,
+                ..self.settings.clone()
+            },
+            cache: Mutex::new(Cache {
+                topics: None,
+                previous: PreviousCommits::new(),
+            }),
+            poll_interval: self.poll_interval,
+        }
+    }
+
+    /// The settings this source reads with.
+    pub fn settings(&self) -> &KafkaLagSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // Every update is a single assignment, so a poisoned lock holds consistent data.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One poll: reads offsets and computes the lag, bounded by the configured timeout.
+    pub async fn poll(&self) -> Result<LagReport, SignalError> {
+        self.poll_counted().await.map(|(r, _)| r)
+    }
+
+    /// Like [`poll`](Self::poll), also returning the broker requests issued.
+    pub async fn poll_counted(&self) -> Result<(LagReport, RequestCount), SignalError> {
+        let timeout = self.settings.timeout;
+        let span = info_span!(
+            "kafka_lag",
+            servers = %self.settings.bootstrap_servers,
+            group = %self.settings.group
+        );
+        let result = tokio::time::timeout(timeout, self.read_offsets().instrument(span)).await;
+        self.serve_events();
+        match result {
+            Ok(Ok((offsets, count))) => {
+                let previous = self.lock().previous.clone();
+                let (report, next) = compute_lag(&offsets, &previous, &self.settings.options);
+                self.lock().previous = next;
+                debug!(
+                    metric = report.metric,
+                    total = report.total_lag,
+                    "kafka lag"
+                );
+                Ok((report, count))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SignalError::Timeout {
+                backend: BACKEND,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// Topic → partitions with their leader, from the cache or one Metadata request.
+    async fn topics(&self, count: &mut RequestCount) -> Result<TopicMap, SignalError> {
+        if let Some((at, topics)) = &self.lock().topics {
+            if at.elapsed() < METADATA_REFRESH {
+                return Ok(topics.clone());
+            }
+        }
+        count.metadata += 1;
+        let consumer = Arc::clone(&self.consumer);
+        let settings = self.settings.clone();
+        let topics = blocking(move || {
+            let topic = match settings.topics.as_slice() {
+                [one] => Some(one.as_str()),
+                _ => None,
+            };
+            let md = consumer
+                .fetch_metadata(topic, settings.timeout)
+                .map_err(|e| map_error(&e, &settings, "metadata"))?;
+            let mut out = BTreeMap::new();
+            for t in md.topics() {
+                let wanted =
+                    settings.topics.is_empty() || settings.topics.iter().any(|n| n == t.name());
+                if !wanted {
+                    continue;
+                }
+                if let Some(code) = t.error() {
+                    let e = KafkaError::MetadataFetch(code.into());
+                    return Err(map_error(&e, &settings, "metadata"));
+                }
+                let parts: Vec<(i32, i32)> = t
+                    .partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.leader()))
+                    .collect();
+                out.insert(t.name().to_owned(), parts);
+            }
+            for name in &settings.topics {
+                if !out.contains_key(name) {
+                    return Err(SignalError::NotFound {
+                        backend: BACKEND,
+                        detail: format!(
+                            "unknown topic {name:?} on {}; create it or fix the topic name",
+                            settings.bootstrap_servers
+                        ),
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+        self.lock().topics = Some((Instant::now(), topics.clone()));
+        Ok(topics)
+    }
+
+    async fn read_offsets(&self) -> Result<(Vec<PartitionOffsets>, RequestCount), SignalError> {
+        let mut count = RequestCount::default();
+        let topics = self.topics(&mut count).await?;
+        let limit = &self.settings.options.partition_limitation;
+        let mut all = TopicPartitionList::new();
+        let mut leaders = std::collections::HashSet::new();
+        for (topic, parts) in &topics {
+            for (p, leader) in parts {
+                if limit.is_empty() || limit.contains(p) {
+                    all.add_partition(topic, *p);
+                    leaders.insert(*leader);
+                }
+            }
+        }
+        if all.count() == 0 {
+            return Ok((Vec::new(), count));
+        }
+        let leaders = u32::try_from(leaders.len()).unwrap_or(u32::MAX).max(1);
+        let need_start = self.settings.options.offset_reset_policy == OffsetResetPolicy::Earliest
+            && !self.settings.options.scale_to_zero_on_invalid_offset;
+
+        // One OffsetFetch for every partition, one batched ListOffsets per end, concurrently.
+        let committed = {
+            let (consumer, settings, tpl) = (
+                Arc::clone(&self.consumer),
+                self.settings.clone(),
+                all.clone(),
+            );
+            blocking(move || {
+                let committed = consumer
+                    .committed_offsets(tpl, settings.timeout)
+                    .map_err(|e| map_error(&e, &settings, "committed offsets"))?;
+                // A per-partition error (e.g. not authorized) must not read as "no commit".
+                for e in committed.elements() {
+                    e.error()
+                        .map_err(|err| map_error(&err, &settings, "committed offsets"))?;
+                }
+                Ok(committed)
+            })
+        };
+        let ends = self.list_offsets(&all, Offset::End);
+        let starts = async {
+            if need_start {
+                self.list_offsets(&all, Offset::Beginning).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (committed, ends, starts) = tokio::join!(committed, ends, starts);
+        let (committed, ends, starts) = (committed?, ends?, starts?);
+        count.offset_fetch += 1;
+        count.list_offsets += leaders * if need_start { 2 } else { 1 };
+
+        if !self.settings.topics.is_empty() || topics.is_empty() {
+            return Ok((merge(&all, &committed, &ends, starts.as_ref())?, count));
+        }
+        // No topic configured: keep the topics the group has commits for (KEDA's rule).
+        let mut offsets = merge(&all, &committed, &ends, starts.as_ref())?;
+        let with_commits: std::collections::HashSet<String> = offsets
+            .iter()
+            .filter(|p| p.committed.is_some())
+            .map(|p| p.topic.clone())
+            .collect();
+        offsets.retain(|p| with_commits.contains(&p.topic));
+        Ok((offsets, count))
+    }
+
+    /// One batched ListOffsets for every partition in `tpl` at `end` (log start or end).
+    async fn list_offsets(
+        &self,
+        tpl: &TopicPartitionList,
+        end: Offset,
+    ) -> Result<HashMap<(String, i32), i64>, SignalError> {
+        let mut query = TopicPartitionList::new();
+        for e in tpl.elements() {
+            query
+                .add_partition_offset(e.topic(), e.partition(), end)
+                .map_err(|e| map_error(&e, &self.settings, "list offsets"))?;
+        }
+        let (consumer, settings) = (Arc::clone(&self.consumer), self.settings.clone());
+        blocking(move || {
+            let answer = consumer
+                .offsets_for_times(query, settings.timeout)
+                .map_err(|e| map_error(&e, &settings, "list offsets"))?;
+            let mut out = HashMap::new();
+            for e in answer.elements() {
+                e.error()
+                    .map_err(|err| map_error(&err, &settings, "list offsets"))?;
+                match e.offset() {
+                    Offset::Offset(o) => {
+                        out.insert((e.topic().to_owned(), e.partition()), o);
+                    }
+                    other => {
+                        return Err(SignalError::BadAnswer {
+                            backend: BACKEND,
+                            detail: format!(
+                                "no log offset for {}/{}: {other:?}",
+                                e.topic(),
+                                e.partition()
+                            ),
+                        })
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Joins committed offsets and watermarks into [`PartitionOffsets`].
+fn merge(
+    all: &TopicPartitionList,
+    committed: &TopicPartitionList,
+    ends: &HashMap<(String, i32), i64>,
+    starts: Option<&HashMap<(String, i32), i64>>,
+) -> Result<Vec<PartitionOffsets>, SignalError> {
+    let committed = committed.to_topic_map();
+    let mut out = Vec::with_capacity(all.count());
+    for e in all.elements() {
+        let key = (e.topic().to_owned(), e.partition());
+        let log_end = *ends.get(&key).ok_or_else(|| SignalError::BadAnswer {
+            backend: BACKEND,
+            detail: format!("broker returned no log end for {}/{}", key.0, key.1),
+        })?;
+        let committed = match committed.get(&key) {
+            Some(Offset::Offset(o)) if *o >= 0 => Some(*o),
+            _ => None,
+        };
+        out.push(PartitionOffsets {
+            log_start: starts.and_then(|s| s.get(&key).copied()),
+            topic: key.0,
+            partition: key.1,
+            committed,
+            log_end,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs a blocking librdkafka call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SignalError> + Send + 'static,
+) -> Result<T, SignalError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(SignalError::BadAnswer {
+            backend: BACKEND,
+            detail: format!("kafka client task failed: {e}"),
+        })
+    })
+}
+
+#[async_trait]
+impl SignalSource for KafkaLagSource {
+    fn kind(&self) -> SignalKind {
+        SignalKind::QueueLag
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        self.poll_interval
+    }
+
+    async fn sample(&self) -> Result<f64, SignalError> {
+        // The planner reads the same number KEDA would scale on (capped, persistent excluded).
+        self.poll().await.map(|r| r.metric as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(partition: i32, committed: Option<i64>, start: i64, end: i64) -> PartitionOffsets {
+        PartitionOffsets {
+            topic: "jobs".into(),
+            partition,
+            committed,
+            log_start: Some(start),
+            log_end: end,
+        }
+    }
+
+    fn opts(f: impl FnOnce(&mut LagOptions)) -> LagOptions {
+        let mut o = LagOptions {
+            lag_threshold: 100,
+            ..LagOptions::default()
+        };
+        f(&mut o);
+        o
+    }
+
+    #[test]
+    fn table() {
+        let four = vec![
+            p(0, Some(10), 0, 100),
+            p(1, Some(50), 0, 100),
+            p(2, None, 20, 100),
+            p(3, Some(100), 0, 100),
+        ];
+        // (name, offsets, options, metric, total_with_persistent, active)
+        type Case = (
+            &'static str,
+            Vec<PartitionOffsets>,
+            LagOptions,
+            i64,
+            i64,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "latest: uncommitted counts 1",
+                four.clone(),
+                opts(|_| {}),
+                141,
+                141,
+                true,
+            ),
+            (
+                "earliest: uncommitted counts end - start",
+                four.clone(),
+                opts(|o| o.offset_reset_policy = OffsetResetPolicy::Earliest),
+                220,
+                220,
+                true,
+            ),
+            (
+                "scale to zero on invalid offset",
+                four.clone(),
+                opts(|o| {
+                    o.offset_reset_policy = OffsetResetPolicy::Earliest;
+                    o.scale_to_zero_on_invalid_offset = true
+                }),
+                140,
+                140,
+                true,
+            ),
+            (
+                "cap at partitions x threshold",
+                four.clone(),
+                opts(|o| o.lag_threshold = 10),
+                40,
+                141,
+                true,
+            ),
+            (
+                "idle consumers allowed: no cap",
+                four.clone(),
+                opts(|o| {
+                    o.lag_threshold = 10;
+                    o.allow_idle_consumers = true
+                }),
+                141,
+                141,
+                true,
+            ),
+            (
+                "limit to partitions with lag (3 of 4)",
+                four.clone(),
+                opts(|o| {
+                    o.lag_threshold = 10;
+                    o.allow_idle_consumers = true;
+                    o.limit_to_partitions_with_lag = true
+                }),
+                30,
+                141,
+                true,
+            ),
+            (
+                "integer division: 141/40=3 is not > 4, no cap",
+                four.clone(),
+                opts(|o| o.lag_threshold = 40),
+                141,
+                141,
+                true,
+            ),
+            (
+                "partition limitation",
+                four.clone(),
+                opts(|o| o.partition_limitation = vec![0, 3]),
+                90,
+                90,
+                true,
+            ),
+            (
+                "activation is strict",
+                vec![p(0, Some(95), 0, 100)],
+                opts(|o| o.activation_lag_threshold = 5),
+                5,
+                5,
+                false,
+            ),
+            (
+                "commit past a stale watermark counts 0",
+                vec![p(0, Some(120), 0, 100)],
+                opts(|_| {}),
+                0,
+                0,
+                false,
+            ),
+            ("no partitions", vec![], opts(|_| {}), 0, 0, false),
+        ];
+        for (name, offsets, o, metric, with_persistent, active) in cases {
+            let (r, _) = compute_lag(&offsets, &PreviousCommits::new(), &o);
+            assert_eq!(r.metric, metric, "{name}: metric");
+            assert_eq!(
+                r.total_lag_with_persistent, with_persistent,
+                "{name}: total"
+            );
+            assert_eq!(r.active, active, "{name}: active");
+        }
+    }
+
+    #[test]
+    fn persistent_lag_is_excluded_on_the_second_poll_but_still_activates() {
+        let o = opts(|o| o.exclude_persistent_lag = true);
+        let first = vec![p(0, Some(10), 0, 100), p(1, Some(50), 0, 100)];
+        let (r1, prev) = compute_lag(&first, &PreviousCommits::new(), &o);
+        assert_eq!(r1.metric, 140);
+        // Partition 0 did not move; partition 1 did.
+        let second = vec![p(0, Some(10), 0, 110), p(1, Some(60), 0, 110)];
+        let (r2, prev2) = compute_lag(&second, &prev, &o);
+        assert_eq!(r2.partitions[0].lag, 0);
+        assert_eq!(r2.partitions[0].lag_with_persistent, 100);
+        assert_eq!(r2.metric, 50);
+        assert_eq!(r2.total_lag_with_persistent, 150);
+        assert!(r2.active);
+        assert_eq!(prev2.get(&("jobs".into(), 1)), Some(&60));
+        // Without the option nothing is remembered.
+        let (_, none) = compute_lag(&first, &PreviousCommits::new(), &opts(|_| {}));
+        assert!(none.is_empty());
+    }
+
+    fn settings(security: KafkaSecurity) -> KafkaLagSettings {
+        KafkaLagSettings {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            group: "g".into(),
+            topics: vec!["jobs".into()],
+            options: LagOptions::default(),
+            security,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn security_options_reach_librdkafka_and_secrets_stay_out_of_errors() {
+        // SASL PLAIN is built into librdkafka: accepted.
+        let plain = KafkaSecurity {
+            protocol: Some("sasl_plaintext".into()),
+            sasl_mechanism: Some("PLAIN".into()),
+            sasl_username: Some("u".into()),
+            sasl_password: Some(Secret::new("hunter2")),
+            ..KafkaSecurity::default()
+        };
+        let source = KafkaLagSource::new(settings(plain)).unwrap();
+        assert!(!format!("{source:?}").contains("hunter2"));
+        // TLS needs OpenSSL, which the default static build lacks: a clear configuration error.
+        let tls = KafkaSecurity {
+            protocol: Some("ssl".into()),
+            sasl_password: Some(Secret::new("hunter2")),
+            ..KafkaSecurity::default()
+        };
+        let err = KafkaLagSource::new(settings(tls)).unwrap_err();
+        assert!(matches!(err, SignalError::InvalidRequest { .. }), "{err:?}");
+        assert!(err.to_string().contains("security.protocol"), "{err}");
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn huge_offsets_saturate() {
+        let (r, _) = compute_lag(
+            &[p(0, Some(0), 0, i64::MAX), p(1, Some(0), 0, i64::MAX)],
+            &PreviousCommits::new(),
+            &opts(|o| o.allow_idle_consumers = true),
+        );
+        assert_eq!(r.metric, i64::MAX);
+    }
+}

@@ -1,0 +1,327 @@
+//! Consumer-group lag against a real tansu broker: 8 partitions, 1000 messages, a group that
+//! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap;
+//! persistent-lag exclusion across two polls; a stopped broker (typed error, stale sample,
+//! planner holds).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runpod_autoscaler::clock::SystemClock;
+use runpod_autoscaler::config::Config;
+use runpod_autoscaler::decide::Hold;
+use runpod_autoscaler::service::{self, ServiceParts};
+use runpod_autoscaler::signals::kafka::{
+    KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy,
+};
+use runpod_autoscaler::signals::{KafkaLagSource, SignalError, SignalKind, SignalSource};
+use support::{even_commits, eventually, Tansu};
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "jobs";
+const PARTITIONS: i32 = 8;
+const MESSAGES: usize = 1000;
+
+fn settings(tansu: &Tansu, group: &str, options: LagOptions) -> KafkaLagSettings {
+    KafkaLagSettings {
+        bootstrap_servers: tansu.servers(),
+        group: group.into(),
+        topics: vec![TOPIC.into()],
+        options,
+        security: KafkaSecurity::default(),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn options(f: impl FnOnce(&mut LagOptions)) -> LagOptions {
+    let mut o = LagOptions {
+        lag_threshold: 100,
+        allow_idle_consumers: true,
+        ..LagOptions::default()
+    };
+    f(&mut o);
+    o
+}
+
+/// A broker with the topic, 1000 messages (125 per partition) and the `committed-300` group.
+async fn loaded() -> Tansu {
+    let tansu = Tansu::start().await;
+    tansu.create_topic(TOPIC, PARTITIONS).await;
+    tansu.produce(TOPIC, PARTITIONS, MESSAGES);
+    tansu.commit("committed-300", TOPIC, &even_commits(PARTITIONS, 300));
+    tansu
+}
+
+/// Polls until the source sees `want` as the metric (commits and log ends become visible
+/// asynchronously), then returns that report.
+async fn poll_until(source: &KafkaLagSource, what: &str, want: i64) -> LagReport {
+    eventually(what, Duration::from_secs(20), || async {
+        source.poll().await.ok().filter(|r| r.metric == want)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
+    let tansu = loaded().await;
+    let source = KafkaLagSource::new(settings(&tansu, "committed-300", options(|_| {}))).unwrap();
+    let report = poll_until(&source, "lag 700", 700).await;
+    assert_eq!(report.partitions.len(), 8);
+    assert_eq!(report.total_lag, 700);
+    assert!(report.active);
+    assert_eq!(source.sample().await.unwrap(), 700.0);
+    for p in &report.partitions {
+        assert!((87..=88).contains(&p.lag), "{p:?}");
+    }
+
+    // The cap: 700 / 10 = 70 > 8 partitions → 8 × 10 = 80 (KEDA's rule).
+    let capped = KafkaLagSource::new(settings(
+        &tansu,
+        "committed-300",
+        options(|o| {
+            o.lag_threshold = 10;
+            o.allow_idle_consumers = false
+        }),
+    ))
+    .unwrap();
+    let report = capped.poll().await.unwrap();
+    assert_eq!((report.metric, report.total_lag), (80, 700));
+
+    // partitionLimitation: only partitions 0 and 1 (87 + 87; they hold the 38-offset commits).
+    let limited = KafkaLagSource::new(settings(
+        &tansu,
+        "committed-300",
+        options(|o| o.partition_limitation = vec![0, 1]),
+    ))
+    .unwrap();
+    assert_eq!(limited.poll().await.unwrap().metric, 174);
+
+    // Activation is strict: 700 > 699 but not > 700.
+    for (threshold, active) in [(699, true), (700, false)] {
+        let s = KafkaLagSource::new(settings(
+            &tansu,
+            "committed-300",
+            options(|o| o.activation_lag_threshold = threshold),
+        ))
+        .unwrap();
+        assert_eq!(s.poll().await.unwrap().active, active, "{threshold}");
+    }
+}
+
+#[tokio::test]
+async fn uncommitted_partitions_follow_the_reset_policy() {
+    let tansu = loaded().await;
+    // Partitions 0..4 committed at 100 of 125 (lag 25 each), 4..8 never committed.
+    tansu.commit("half", TOPIC, &[(0, 100), (1, 100), (2, 100), (3, 100)]);
+    let latest = KafkaLagSource::new(settings(&tansu, "half", options(|_| {}))).unwrap();
+    // latest: each uncommitted partition counts 1.
+    poll_until(&latest, "latest-policy lag 104", 104).await;
+
+    // earliest: each uncommitted partition counts log-end − log-start = 125.
+    let earliest = KafkaLagSource::new(settings(
+        &tansu,
+        "half",
+        options(|o| o.offset_reset_policy = OffsetResetPolicy::Earliest),
+    ))
+    .unwrap();
+    assert_eq!(earliest.poll().await.unwrap().metric, 100 + 4 * 125);
+
+    // scaleToZeroOnInvalidOffset: uncommitted partitions count 0 under either policy.
+    for policy in [OffsetResetPolicy::Latest, OffsetResetPolicy::Earliest] {
+        let zero = KafkaLagSource::new(settings(
+            &tansu,
+            "half",
+            options(|o| {
+                o.offset_reset_policy = policy;
+                o.scale_to_zero_on_invalid_offset = true
+            }),
+        ))
+        .unwrap();
+        assert_eq!(zero.poll().await.unwrap().metric, 100, "{policy:?}");
+    }
+
+    // A group that never committed anything: 8 under latest (and not 0).
+    let none = KafkaLagSource::new(settings(&tansu, "never", options(|_| {}))).unwrap();
+    assert_eq!(none.poll().await.unwrap().metric, 8);
+
+    // limitToPartitionsWithLag with the cap: 8 partitions have lag → 8 × 10.
+    let limited = KafkaLagSource::new(settings(
+        &tansu,
+        "half",
+        options(|o| {
+            o.lag_threshold = 10;
+            o.limit_to_partitions_with_lag = true
+        }),
+    ))
+    .unwrap();
+    assert_eq!(limited.poll().await.unwrap().metric, 80);
+}
+
+#[tokio::test]
+async fn persistent_lag_is_excluded_on_the_second_poll() {
+    let tansu = loaded().await;
+    let source = KafkaLagSource::new(settings(
+        &tansu,
+        "committed-300",
+        options(|o| o.exclude_persistent_lag = true),
+    ))
+    .unwrap();
+    // First poll: nothing known yet, all lag counts.
+    let first = poll_until(&source, "lag 700", 700).await;
+    assert!(first.active);
+    // Second poll: no commit moved → scaling lag 0, but still active (lag with persistent).
+    let second = source.poll().await.unwrap();
+    assert_eq!(second.metric, 0);
+    assert_eq!(second.total_lag_with_persistent, 700);
+    assert!(second.active);
+    // Partition 0 moves on (38 → 100): it counts again, the others stay excluded.
+    let mut commits = even_commits(PARTITIONS, 300);
+    commits[0].1 = 100;
+    tansu.commit("committed-300", TOPIC, &commits);
+    let third = eventually(
+        "partition 0 commit visible",
+        Duration::from_secs(20),
+        || async { source.poll().await.ok().filter(|r| r.metric > 0) },
+    )
+    .await;
+    assert_eq!(third.metric, 25);
+    assert_eq!(third.partitions[0].lag, 25);
+}
+
+#[tokio::test]
+async fn unknown_topic_is_a_typed_error() {
+    let tansu = Tansu::start().await;
+    let mut s = settings(&tansu, "g", options(|_| {}));
+    s.topics = vec!["no-such-topic".into()];
+    let err = KafkaLagSource::new(s).unwrap().poll().await.unwrap_err();
+    assert!(
+        matches!(err, SignalError::NotFound { .. }),
+        "{err:?} should be NotFound"
+    );
+    assert!(err.to_string().contains("no-such-topic"), "{err}");
+}
+
+#[tokio::test]
+async fn a_stopped_broker_gives_a_typed_error_a_stale_sample_and_a_hold() {
+    let mut tansu = loaded().await;
+    let text = format!(
+        r#"
+[policy]
+max_pods = 8
+max_launches_per_tick = 8
+max_usd_per_hour = 4.0
+gpu_type = "NVIDIA RTX A5000"
+pod_usd_per_hour = 0.26
+lag_per_gpu = 100
+stale_after_intervals = 3
+
+[signals]
+poll_interval = "5s"
+
+[signals.queue]
+source = "kafka"
+bootstrap_servers = "{}"
+consumer_group = "committed-300"
+topics = ["{TOPIC}"]
+lag_threshold = 100
+allow_idle_consumers = true
+timeout = "1s"
+poll_interval = "200ms"
+"#,
+        tansu.servers()
+    );
+    let config = Config::from_toml(&text).unwrap();
+    let sources = service::sources_from_config(&config).unwrap();
+    assert_eq!(sources[0].poll_interval(), Some(Duration::from_millis(200)));
+    let shutdown = CancellationToken::new();
+    let running = service::start(
+        ServiceParts {
+            grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tls: None,
+            sources,
+            poll_interval: config.signals.poll_interval,
+            tick_interval: Duration::from_millis(100),
+            baseline_gpus: 0,
+            policy: config.planner_policy(),
+            clock: Arc::new(SystemClock),
+        },
+        shutdown.clone(),
+    )
+    .unwrap();
+    let snapshots = running.snapshots.clone();
+    let wait = |what: &'static str, pred: fn(&runpod_autoscaler::snapshot::Snapshot) -> bool| {
+        let mut rx = snapshots.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                rx.wait_for(|s| s.as_ref().is_some_and(|s| pred(s))),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .map(|_| ())
+            .unwrap()
+        }
+    };
+    // 700 lag at 100 per GPU → 7 GPUs.
+    wait("lag 700 read and planned", |s| s.plan.desired_gpus == 7).await;
+
+    tansu.guard.stop();
+    wait("a stale-signal hold", |s| {
+        s.plan.holds.iter().any(|h| {
+            matches!(
+                h,
+                Hold::StaleSignal {
+                    signal: "queue lag",
+                    ..
+                }
+            )
+        })
+    })
+    .await;
+    let snap = snapshots.borrow().clone().unwrap();
+    // Held: no scale-down, the stale 700 is not read as zero.
+    assert_eq!(snap.plan.desired_gpus, 7);
+    let lag = snap
+        .signals
+        .iter()
+        .find(|s| s.signal == SignalKind::QueueLag)
+        .unwrap();
+    assert!(!lag.fresh);
+    assert_eq!(lag.poll_interval, Duration::from_millis(200));
+    assert_eq!(lag.value, Some(700.0));
+    assert!(lag.failures >= 1);
+    let error = lag.last_error.clone().unwrap();
+    assert!(
+        error.contains("unreachable") || error.contains("did not answer"),
+        "{error}"
+    );
+    let (_, metrics) = support::http_get(running.http_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(metrics.contains("runpod_autoscaler_signal_failures_total{signal=\"queue_lag\"}"));
+
+    // The source itself reports a typed error.
+    let direct = KafkaLagSource::new(KafkaLagSettings {
+        bootstrap_servers: tansu.servers(),
+        group: "committed-300".into(),
+        topics: vec![TOPIC.into()],
+        options: LagOptions::default(),
+        security: KafkaSecurity::default(),
+        timeout: Duration::from_millis(800),
+    })
+    .unwrap();
+    let err = direct.poll().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SignalError::Unreachable { .. } | SignalError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}

@@ -1,0 +1,349 @@
+//! Real components for integration tests: a tansu broker and a Prometheus server started on free
+//! 127.0.0.1 ports and killed by PID on drop, a tiny latency exporter for Prometheus to scrape,
+//! and Kafka helpers (create a topic, produce, commit). The binaries come from
+//! `RPA_TANSU_BIN` / `RPA_PROMETHEUS_BIN`, which `scripts/test.sh` installs and exports.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How long a component gets to become ready. Generous for a loaded 2-core CI machine; the
+/// usual figures are 0.1 s (tansu) and 0.2 s (Prometheus).
+pub const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The binary named by `var`; panics (fails the test) with the fix when it is missing.
+fn binary(var: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) if PathBuf::from(&p).is_file() => PathBuf::from(p),
+        _ => panic!(
+            "{var} is not set or does not name a file: run scripts/test.sh, which installs the \
+             real components and exports {var}"
+        ),
+    }
+}
+
+/// A free loopback port (bound then released; the component binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, failing after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    // Re-check often enough to be quick, rarely enough not to load the components.
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        every.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr, what: &str) {
+    eventually(what, READY_DEADLINE, || async move {
+        tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+/// A child process killed (by its PID) and reaped on drop.
+pub struct Guard {
+    child: Option<Child>,
+    /// Scratch directory of the process.
+    pub dir: tempfile::TempDir,
+}
+
+impl Guard {
+    /// Kills the process now (e.g. to test an outage).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tansu broker with in-memory storage.
+pub struct Tansu {
+    /// `127.0.0.1:port`.
+    pub addr: SocketAddr,
+    /// The process.
+    pub guard: Guard,
+}
+
+impl Tansu {
+    /// Starts a broker on a free port and waits until it accepts connections.
+    pub async fn start() -> Tansu {
+        let bin = binary("RPA_TANSU_BIN");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let guard = Guard {
+            child: Some(child),
+            dir,
+        };
+        wait_for_port(addr, "tansu to accept connections").await;
+        Tansu { addr, guard }
+    }
+
+    /// The bootstrap-servers string.
+    pub fn servers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.servers())
+            .create()
+            .unwrap();
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    /// Produces `count` messages round-robin over `partitions` partitions, one message per batch
+    /// (tansu's latest offset is the last batch's base + 1, so watermarks are exact).
+    pub fn produce(&self, topic: &str, partitions: i32, count: usize) {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.servers())
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        for i in 0..count {
+            let payload = format!("job-{i}");
+            let partition = i32::try_from(i).unwrap() % partitions;
+            let mut record = BaseRecord::<(), _>::to(topic)
+                .payload(&payload)
+                .partition(partition);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        // Queue full: let deliveries drain, then retry.
+                        producer.poll(Duration::from_millis(10));
+                        record = r;
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Commits `offsets` (partition, next offset to read) for `group` on `topic`.
+    pub fn commit(&self, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.servers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .unwrap();
+        }
+        consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+}
+
+/// Splits `total` committed messages over `partitions` partitions as evenly as possible.
+pub fn even_commits(partitions: i32, total: i64) -> Vec<(i32, i64)> {
+    let n = i64::from(partitions);
+    (0..partitions)
+        .map(|p| (p, total / n + i64::from(i64::from(p) < total % n)))
+        .collect()
+}
+
+/// A Prometheus server scraping `targets` every second.
+pub struct Prometheus {
+    /// `127.0.0.1:port`.
+    pub addr: SocketAddr,
+    /// The process.
+    pub guard: Guard,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `targets` and waits for `/-/ready`.
+    pub async fn start(targets: &[SocketAddr]) -> Prometheus {
+        let bin = binary("RPA_PROMETHEUS_BIN");
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        // A 1 s scrape interval so rate()-based queries have a value within a few seconds.
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - \
+             job_name: exporter\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting prometheus");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let guard = Guard {
+            child: Some(child),
+            dir,
+        };
+        eventually("prometheus /-/ready", READY_DEADLINE, || async move {
+            let (status, _) = http_get(addr, "/-/ready").await?;
+            (status == 200).then_some(())
+        })
+        .await;
+        Prometheus { addr, guard }
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Minimal HTTP/1.1 GET; `None` when the connection fails.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.ok()?;
+    let status = raw.get(9..12)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// What an exporter serves: called on every scrape.
+pub type Body = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// A tiny Prometheus exporter serving `body()` at every path.
+#[derive(Clone)]
+pub struct Exporter {
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Exporter {
+    /// Starts serving; stops with the test's runtime.
+    pub async fn start(body: Body) -> Exporter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = body();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        Exporter { addr }
+    }
+
+    /// An exporter whose histogram `name` grows by 100 observations per second, all between
+    /// 10 and 20 s (so its p95 is 19.5 s), plus `name_idle`, a histogram that never grows (its
+    /// p95 is NaN: no traffic).
+    pub async fn latency(name: &str) -> Exporter {
+        let started = std::time::Instant::now();
+        let name = name.to_owned();
+        Exporter::start(Arc::new(move || {
+            let count = u64::try_from(started.elapsed().as_millis() / 10).unwrap_or(u64::MAX);
+            latency_histogram(&name, count) + &latency_histogram(&format!("{name}_idle"), 7)
+        }))
+        .await
+    }
+}
+
+/// Prometheus text for a histogram `name` whose every observation so far is `count` jobs that
+/// took between 10 and 20 seconds: with traffic, its p95 over 1 minute interpolates to ~19.5 s.
+pub fn latency_histogram(name: &str, count: u64) -> String {
+    let mut s = format!("# TYPE {name} histogram\n");
+    for (le, c) in [
+        ("1", 0),
+        ("5", 0),
+        ("10", 0),
+        ("20", count),
+        ("+Inf", count),
+    ] {
+        s.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {c}\n"));
+    }
+    s.push_str(&format!(
+        "{name}_sum {}\n{name}_count {count}\n",
+        count * 15
+    ));
+    s
+}
