@@ -4,7 +4,10 @@
 pub mod clock;
 pub mod config;
 pub mod decide;
+pub mod emulator;
+pub mod join;
 pub mod model;
+pub mod provider;
 pub mod scaler;
 pub mod service;
 pub mod signals;
