@@ -130,6 +130,10 @@ pub struct Faults {
     pub rate_limit_rate: f64,
     /// `Retry-After` seconds on those 429s.
     pub retry_after_secs: u64,
+    /// The next N API requests are answered 429 (deterministic, for tests).
+    pub rate_limit_next: u32,
+    /// The next N API requests are answered 500 before doing anything (deterministic).
+    pub server_error_next: u32,
     /// Fraction of API requests answered 500 (before doing anything).
     pub server_error_rate: f64,
     /// The next N successful creates (REST or spot) answer 500 although the pod was created.

@@ -182,8 +182,16 @@ impl World {
 
     /// Draws the request-level faults: `Some(429 retry-after secs)` or `Some(500)`.
     pub fn draw_fault(&mut self) -> Option<RequestFault> {
-        let f = &self.faults;
-        let (rl, se, ra) = (f.rate_limit_rate, f.server_error_rate, f.retry_after_secs);
+        let ra = self.faults.retry_after_secs;
+        if self.faults.rate_limit_next > 0 {
+            self.faults.rate_limit_next -= 1;
+            return Some(RequestFault::RateLimited(ra));
+        }
+        if self.faults.server_error_next > 0 {
+            self.faults.server_error_next -= 1;
+            return Some(RequestFault::ServerError);
+        }
+        let (rl, se) = (self.faults.rate_limit_rate, self.faults.server_error_rate);
         if rl > 0.0 && self.rng.random_range(0.0..1.0) < rl {
             return Some(RequestFault::RateLimited(ra));
         }

@@ -526,7 +526,8 @@ impl RunPodClient {
 
 fn is_capacity_text(s: &str) -> bool {
     let lower = s.to_ascii_lowercase();
-    lower.contains(CAPACITY_MESSAGE) || lower.contains(HOST_FULL_MESSAGE)
+    lower.contains(&CAPACITY_MESSAGE.to_ascii_lowercase())
+        || lower.contains(&HOST_FULL_MESSAGE.to_ascii_lowercase())
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8], path: &str) -> Result<T, ProviderError> {
