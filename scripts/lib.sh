@@ -29,3 +29,17 @@ ensure_venv() {
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
   echo "$want" > "$stamp"
 }
+
+# ensure_sshd: OpenSSH's server, the stand-in for a RunPod pod's sshd (emulator tests).
+ensure_sshd() {
+  if [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1; then
+    return
+  fi
+  log "installing openssh-server (sshd for emulated pods)"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssh-server >/dev/null 2>&1; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssh-server >/dev/null
+  fi
+}

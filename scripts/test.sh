@@ -7,6 +7,7 @@ cd "$ROOT"
 
 ensure_rust
 ensure_venv
+ensure_sshd
 
 log "building"
 cargo build --locked --all-targets
