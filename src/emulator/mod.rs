@@ -154,7 +154,9 @@ pub struct Faults {
 
 /// The catalog of `shared/reference/runpod.md` with 20 free GPUs of each type.
 pub fn default_catalog() -> Vec<GpuSpec> {
-    let rows: [(&str, &str, u32, f64, f64, Option<f64>, Option<f64>); 9] = [
+    // (id, name, GB, secure, community, secure spot, community spot)
+    type Row = (&'static str, &'static str, u32, f64, f64, Option<f64>, Option<f64>);
+    let rows: [Row; 9] = [
         (
             "NVIDIA GeForce RTX 4090",
             "RTX 4090",
