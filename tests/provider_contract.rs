@@ -598,3 +598,65 @@ async fn slow_responses_time_out_as_transient() {
     // The default client (30 s timeout) just waits.
     e.client.list().await.unwrap();
 }
+
+/// A writer that appends to a shared buffer (log capture).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_key_never_appears_in_logs_or_errors() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let e = env(Faults {
+        server_error_next: 1,
+        rate_limit_next: 1,
+        ..Faults::default()
+    })
+    .await;
+    let mut errors = Vec::new();
+    e.client.list().await.unwrap();
+    let pod = e.client.launch(&spec("log")).await.unwrap();
+    e.client.terminate(&pod.id).await.unwrap();
+    e.client.offerings().await.unwrap();
+    let bad = RunPodClient::new(settings(&e.emu, "rpa_OTHER_SECRET_zz")).unwrap();
+    errors.push(format!(
+        "{:?} {}",
+        bad.list().await.unwrap_err(),
+        bad.list().await.unwrap_err()
+    ));
+    errors.push(format!("{bad:?} {:?}", e.client));
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("runpod.request"),
+        "requests are traced: {text}"
+    );
+    assert!(
+        text.contains("status=") && text.contains("latency_ms="),
+        "{text}"
+    );
+    for secret in [KEY, "rpa_OTHER_SECRET_zz"] {
+        assert!(!text.contains(secret), "key leaked into logs");
+        assert!(
+            errors.iter().all(|e| !e.contains(secret)),
+            "key leaked into errors"
+        );
+    }
+}

@@ -110,10 +110,9 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
     join::exec(&target, &key, &tofu, "true", Duration::from_secs(5))
         .await
         .unwrap();
-    let wrong = HostKeyPolicy::Pinned(vec![std::fs::read_to_string(
-        dir.path().join("other.pub"),
-    )
-    .unwrap()]);
+    let wrong = HostKeyPolicy::Pinned(vec![
+        std::fs::read_to_string(dir.path().join("other.pub")).unwrap()
+    ]);
     let err = join::exec(&target, &key, &wrong, "true", Duration::from_secs(5))
         .await
         .unwrap_err();
@@ -181,5 +180,8 @@ async fn emulator_shutdown_kills_every_sshd() {
     assert_eq!(pids.len(), 3);
     assert!(pids.iter().all(|p| pid_alive(*p)));
     drop(emu);
-    assert!(pids.iter().all(|p| !pid_alive(*p)), "sshd leaked after drop");
+    assert!(
+        pids.iter().all(|p| !pid_alive(*p)),
+        "sshd leaked after drop"
+    );
 }

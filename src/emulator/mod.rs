@@ -155,7 +155,15 @@ pub struct Faults {
 /// The catalog of `shared/reference/runpod.md` with 20 free GPUs of each type.
 pub fn default_catalog() -> Vec<GpuSpec> {
     // (id, name, GB, secure, community, secure spot, community spot)
-    type Row = (&'static str, &'static str, u32, f64, f64, Option<f64>, Option<f64>);
+    type Row = (
+        &'static str,
+        &'static str,
+        u32,
+        f64,
+        f64,
+        Option<f64>,
+        Option<f64>,
+    );
     let rows: [Row; 9] = [
         (
             "NVIDIA GeForce RTX 4090",

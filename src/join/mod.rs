@@ -206,9 +206,8 @@ pub async fn exec(
 ) -> Result<ExecOutput, JoinError> {
     let addr = target.addr();
     let span = tracing::info_span!("ssh.exec", addr = %addr, user = %target.user);
-    let _enter = span.enter();
-    drop(_enter);
-    match tokio::time::timeout(timeout, exec_inner(target, key, policy, command)).await {
+    let fut = tokio::time::timeout(timeout, exec_inner(target, key, policy, command));
+    match tracing::Instrument::instrument(fut, span).await {
         Ok(r) => r,
         Err(_) => Err(JoinError::Timeout {
             addr,
