@@ -126,8 +126,69 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
         .unwrap_err();
     assert!(matches!(err, JoinError::AuthRejected { .. }), "{err:?}");
 
+    // Spot preemption: RUNNING → EXITED, its sshd killed, login refused.
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PUBLIC_KEY".to_string(),
+        std::fs::read_to_string(dir.path().join("id_ed25519.pub")).unwrap(),
+    );
+    let spot = client
+        .launch(&LaunchSpec {
+            name: "spot-1".into(),
+            gpu_type: GpuTypeId("NVIDIA RTX A5000".into()),
+            gpu_count: 1,
+            cloud: Cloud::Community,
+            image: "runpod/base:0.6.2".into(),
+            env,
+            spot_bid_per_gpu: Some(runpod_autoscaler::model::Usd(0.12)),
+            data_center_ids: vec![],
+            disk_gb: 20,
+        })
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(2));
+    let spot = client.get(&spot.id).await.unwrap().unwrap();
+    let spot_ep = spot.ssh.clone().expect("spot pod reachable");
+    let spot_target = SshTarget {
+        host: spot_ep.host,
+        port: spot_ep.port,
+        user: spot_ep.username,
+    };
+    let out = join::exec_when_up(
+        &spot_target,
+        &key,
+        &pinned,
+        "echo spot",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        Instant::now() + SSH_DEADLINE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "spot");
+    let spot_pid = emu
+        .admin_pods()
+        .iter()
+        .find(|p| p.id == spot.id.as_str())
+        .and_then(|p| p.sshd_pid)
+        .unwrap();
+    assert!(emu.preempt(spot.id.as_str()));
+    assert!(!pid_alive(spot_pid), "preempted pod's sshd still running");
+    let spot = client.get(&spot.id).await.unwrap().unwrap();
+    assert_eq!(spot.state, runpod_autoscaler::model::PodState::Exited);
+    assert!(spot.ssh.is_none());
+    let err = join::exec(&spot_target, &key, &pinned, "true", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JoinError::Connect { .. }), "{err:?}");
+
     // Terminate: the sshd process is killed and login is refused.
-    let pid = emu.admin_pods()[0].sshd_pid.unwrap();
+    let pid = emu
+        .admin_pods()
+        .iter()
+        .find(|p| p.id == pod.id.as_str())
+        .and_then(|p| p.sshd_pid)
+        .unwrap();
     assert!(pid_alive(pid));
     client.terminate(&pod.id).await.unwrap();
     assert!(!pid_alive(pid), "sshd {pid} still running after terminate");
