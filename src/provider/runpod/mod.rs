@@ -267,6 +267,8 @@ impl RunPodClient {
             },
             409 => ProviderError::Conflict { detail },
             429 => ProviderError::RateLimited {
+                // Without any hint, wait one second: RunPod's quotas are per minute, so a
+                // short pause plus the exponential backoff spreads retries enough.
                 retry_after: parse_wait(answer.retry_after.as_deref(), answer.ratelimit.as_deref())
                     .unwrap_or(Duration::from_secs(1)),
             },
