@@ -610,6 +610,14 @@ mod tests {
                 MINIMAL.replace("max_pods = 4", "max_pods = 4\nslo_p95 = \"soon\""),
                 "policy.slo_p95",
             ),
+            (
+                format!("{MINIMAL}\n[runpod]\nname_prefix = \"\""),
+                "runpod.name_prefix",
+            ),
+            (
+                format!("{MINIMAL}\n[runpod]\nrequest_timeout = \"0s\""),
+                "runpod.request_timeout",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();

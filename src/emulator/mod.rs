@@ -362,3 +362,32 @@ impl Drop for RunningEmulator {
         self.lock().kill_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_faults_and_rejects_unknown_keys() {
+        let c = EmulatorConfig::from_toml(
+            r#"
+            api_keys = ["k"]
+            boot_delay = "500ms"
+            sshd = false
+            [faults]
+            rate_limit_rate = 0.25
+            retry_after_secs = 2
+            capacity_exhausted = ["NVIDIA H200"]
+            preempt_spot_after = "10m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.boot_delay, Duration::from_millis(500));
+        assert_eq!(c.faults.rate_limit_rate, 0.25);
+        assert_eq!(c.faults.preempt_spot_after, Some(Duration::from_secs(600)));
+        assert_eq!(c.gpus.len(), 9, "default catalog");
+        assert_eq!(format!("{:?}", c.api_keys), "[[redacted]]");
+        let err = EmulatorConfig::from_toml("[faults]\nrate_limit = 1.0").unwrap_err();
+        assert!(err.to_string().contains("rate_limit"), "{err}");
+    }
+}

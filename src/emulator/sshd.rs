@@ -87,6 +87,11 @@ impl SshdProcess {
         self.child.id()
     }
 
+    /// True when the process has exited (e.g. it lost the race for its port).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process (by its PID) and reaps it.
     pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {

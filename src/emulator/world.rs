@@ -219,6 +219,12 @@ impl World {
                 }
                 PodState::Provisioning if since_boot >= boot / 2 => pod.status = PodState::Starting,
                 PodState::Running => {
+                    // An sshd that died (lost its port to another process) is restarted on
+                    // a new port, as a pod's container would be.
+                    if pod.sshd.as_mut().is_some_and(|s| s.exited()) {
+                        pod.sshd = None;
+                        to_start.push(pod.id.clone());
+                    }
                     if let (Some(after), Some(_), Some(started)) =
                         (preempt_after, pod.bid, pod.started_at)
                     {
@@ -233,6 +239,7 @@ impl World {
         for id in to_start {
             self.make_running(&id, now);
         }
+        to_preempt.dedup();
         for id in to_preempt {
             self.preempt(&id);
         }
@@ -246,8 +253,10 @@ impl World {
         let Some(pod) = self.pods.get_mut(id) else {
             return;
         };
-        pod.status = PodState::Running;
-        pod.started_at = Some(now);
+        if pod.status != PodState::Running {
+            pod.status = PodState::Running;
+            pod.started_at = Some(now);
+        }
         if sshd_on && !pod.never_ready && pod.start_ssh {
             if let Some(host_key) = host_key {
                 match SshdProcess::spawn(&binary, &work_dir, id, &host_key, &pod.keys) {
