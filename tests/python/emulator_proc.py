@@ -4,6 +4,7 @@ tiny HTTP client (urllib) that returns status, headers and decoded JSON."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import tempfile
 import time
@@ -68,3 +69,7 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

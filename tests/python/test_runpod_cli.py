@@ -104,3 +104,22 @@ def test_emulator_requires_a_key():
     r = subprocess.run([str(BINARY), "emulator", "--listen", "127.0.0.1:0"],
                        capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0 and "--api-key" in r.stderr
+
+
+@pytest.mark.parametrize("answer,terminated", [("n\n", False), ("y\n", True)])
+def test_terminate_asks_on_a_terminal(emu, answer, terminated):
+    import pty
+    pid = make_pod(emu, "rpa-ask")
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    env.update(emu.env())
+    proc = subprocess.Popen([str(BINARY), "pods", "terminate", pid], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    os.close(slave)
+    os.write(master, answer.encode())
+    out, err = proc.communicate(timeout=30)
+    os.close(master)
+    assert "Terminate 1 pod(s)" in err
+    assert (proc.returncode == 0) == terminated, err
+    assert (f"terminated {pid}" in out) == terminated
+    assert emu.request("GET", f"/v2/pods/{pid}")[0] == (404 if terminated else 200)
