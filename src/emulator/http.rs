@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +27,8 @@ fn lock(w: &Shared) -> MutexGuard<'_, World> {
     w.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn router(world: Shared) -> Router {
+/// The full router: API (behind [`guard`]) and admin endpoints.
+pub(super) fn router(world: Shared) -> Router {
     let api = Router::new()
         .route("/v2/pods", get(list_pods).post(create_pod))
         .route("/v2/pods/{id}", get(get_pod).delete(delete_pod))
@@ -169,16 +170,21 @@ struct CreateBody {
     #[serde(default)]
     start_ssh: bool,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     start_jupyter: bool,
     #[serde(default)]
     disk: Option<u32>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     args: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     registry: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     mounts: Option<Value>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     global_networking: Option<bool>,
 }
 
@@ -189,8 +195,10 @@ struct CreateGpu {
     #[serde(default = "one")]
     count: u32,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     allowed_cuda_versions: Option<Vec<String>>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     min_cuda_version: Option<String>,
 }
 
@@ -203,13 +211,6 @@ async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
         Ok(b) => b,
         Err(e) => return bad_json(e),
     };
-    let _ = (
-        &b.start_jupyter,
-        &b.args,
-        &b.registry,
-        &b.mounts,
-        &b.global_networking,
-    );
     if b.name.trim().is_empty() {
         return bad_json("name must not be empty");
     }
@@ -230,7 +231,6 @@ async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
             format!("{what}gpu is required"),
         ));
     };
-    let _ = (&gpu.allowed_cuda_versions, &gpu.min_cuda_version);
     let cloud = b.cloud.unwrap_or_else(|| "SECURE".into());
     if cloud != "SECURE" && cloud != "COMMUNITY" {
         return bad_json(format!("cloud must be SECURE or COMMUNITY, not {cloud:?}"));
@@ -379,10 +379,12 @@ struct SpotInput {
     #[serde(default)]
     start_ssh: bool,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     support_public_ip: Option<bool>,
     #[serde(default)]
     container_disk_in_gb: Option<u32>,
     #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
     volume_in_gb: Option<u32>,
     #[serde(default)]
     data_center_id: Option<String>,
@@ -423,7 +425,6 @@ async fn graphql(State(w): State<Shared>, body: Bytes) -> Response {
             Ok(i) => i,
             Err(e) => return gql_bad_request(format!("invalid PodRentInterruptableInput: {e}")),
         };
-        let _ = (&input.support_public_ip, &input.volume_in_gb);
         let req = CreateRequest {
             name: input.name,
             image: input.image_name,
@@ -498,8 +499,7 @@ async fn get_faults(State(w): State<Shared>) -> Response {
     ok_json(StatusCode::OK, json!(lock(&w).faults))
 }
 
-async fn put_faults(State(w): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let _ = headers;
+async fn put_faults(State(w): State<Shared>, body: Bytes) -> Response {
     match serde_json::from_slice::<Faults>(&body) {
         Ok(f) => {
             lock(&w).faults = f.clone();

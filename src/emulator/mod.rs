@@ -9,6 +9,7 @@
 //! Never used by production code paths.
 
 mod http;
+/// Real sshd processes for RUNNING pods (also key generation for tests).
 pub mod sshd;
 mod world;
 

@@ -18,14 +18,14 @@ use crate::model::{PodState, Timestamp};
 
 /// An error answer: status, title, detail (rendered as problem+json).
 #[derive(Debug, Clone)]
-pub struct Problem {
-    pub status: u16,
-    pub title: &'static str,
-    pub detail: String,
+pub(super) struct Problem {
+    pub(super) status: u16,
+    pub(super) title: &'static str,
+    pub(super) detail: String,
 }
 
 impl Problem {
-    pub fn new(status: u16, title: &'static str, detail: impl Into<String>) -> Self {
+    pub(super) fn new(status: u16, title: &'static str, detail: impl Into<String>) -> Self {
         Problem {
             status,
             title,
@@ -38,11 +38,12 @@ impl Problem {
 }
 
 /// The capacity message RunPod uses.
-pub const NO_CAPACITY: &str = "There are no longer any instances available with the requested specifications. Please refresh and try again.";
+pub(super) const NO_CAPACITY: &str = "There are no longer any instances available with the requested specifications. Please refresh and try again.";
 /// The resume-refused message RunPod uses.
-pub const HOST_FULL: &str = "There are not enough free GPUs on the host machine to start this pod.";
+pub(super) const HOST_FULL: &str =
+    "There are not enough free GPUs on the host machine to start this pod.";
 /// Data centers the emulator knows; an unknown id rejects the whole create.
-pub const DATA_CENTERS: [&str; 4] = ["US-KS-2", "US-TX-3", "EU-RO-1", "CA-MTL-1"];
+pub(super) const DATA_CENTERS: [&str; 4] = ["US-KS-2", "US-TX-3", "EU-RO-1", "CA-MTL-1"];
 
 /// A pod record.
 #[derive(Debug)]
@@ -121,8 +122,8 @@ pub struct AdminPod {
 }
 
 /// Everything the emulator knows.
-pub struct World {
-    pub faults: Faults,
+pub(super) struct World {
+    pub(super) faults: Faults,
     config: EmulatorConfig,
     clock: Arc<dyn Clock>,
     rng: StdRng,
@@ -137,7 +138,10 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(config: EmulatorConfig, clock: Arc<dyn Clock>) -> Result<World, EmulatorError> {
+    pub(super) fn new(
+        config: EmulatorConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<World, EmulatorError> {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let work_dir =
@@ -145,7 +149,12 @@ impl World {
         std::fs::create_dir_all(&work_dir)?;
         let host_key = if config.sshd {
             let path = work_dir.join("ssh_host_ed25519_key");
-            let public = sshd::generate_key(&path, "runpod-emulator-host")?;
+            let public = sshd::generate_key(&path, "runpod-emulator-host").map_err(|e| {
+                EmulatorError::Config(format!(
+                    "generating the pods' sshd host key with ssh-keygen failed ({e}); \
+                     install openssh-server (scripts/test.sh does) or set sshd = false"
+                ))
+            })?;
             Some((path, public))
         } else {
             None
@@ -171,17 +180,17 @@ impl World {
         })
     }
 
-    pub fn host_public_key(&self) -> Option<String> {
+    pub(super) fn host_public_key(&self) -> Option<String> {
         self.host_key.as_ref().map(|(_, k)| k.clone())
     }
 
     /// True when the key is accepted.
-    pub fn authorized(&self, key: &str) -> bool {
+    pub(super) fn authorized(&self, key: &str) -> bool {
         !key.is_empty() && self.config.api_keys.iter().any(|k| k.expose() == key)
     }
 
     /// Draws the request-level faults: `Some(429 retry-after secs)` or `Some(500)`.
-    pub fn draw_fault(&mut self) -> Option<RequestFault> {
+    pub(super) fn draw_fault(&mut self) -> Option<RequestFault> {
         let ra = self.faults.retry_after_secs;
         if self.faults.rate_limit_next > 0 {
             self.faults.rate_limit_next -= 1;
@@ -202,7 +211,7 @@ impl World {
     }
 
     /// Brings every pod up to now: accrues cost, moves boots along, preempts spot pods.
-    pub fn advance(&mut self) {
+    pub(super) fn advance(&mut self) {
         let now = self.clock.now();
         let boot = self.config.boot_delay;
         let preempt_after = self.faults.preempt_spot_after;
@@ -268,7 +277,7 @@ impl World {
     }
 
     /// RUNNING → EXITED with the sshd killed and the GPUs released. False when not running.
-    pub fn preempt(&mut self, id: &str) -> bool {
+    pub(super) fn preempt(&mut self, id: &str) -> bool {
         self.advance_accrual_only();
         let Some(pod) = self.pods.get_mut(id) else {
             return false;
@@ -317,7 +326,7 @@ impl World {
     }
 
     /// Creates a pod after every check; `bid` makes it a spot pod.
-    pub fn create(&mut self, req: CreateRequest) -> Result<String, Problem> {
+    pub(super) fn create(&mut self, req: CreateRequest) -> Result<String, Problem> {
         let Some(gpu) = self.gpu(&req.gpu_type).cloned() else {
             return Err(Problem::new(
                 400,
@@ -422,7 +431,7 @@ impl World {
     }
 
     /// Consumes one "500 after a successful create" fault, if armed.
-    pub fn take_error_after_create(&mut self) -> bool {
+    pub(super) fn take_error_after_create(&mut self) -> bool {
         if self.faults.error_after_create > 0 {
             self.faults.error_after_create -= 1;
             true
@@ -437,13 +446,13 @@ impl World {
             .filter(|p| p.status != PodState::Terminated)
     }
 
-    pub fn pod_json(&self, id: &str) -> Result<Value, Problem> {
+    pub(super) fn pod_json(&self, id: &str) -> Result<Value, Problem> {
         self.live(id)
             .map(|p| self.render(p))
             .ok_or_else(|| Problem::not_found(id))
     }
 
-    pub fn list_json(&self) -> Value {
+    pub(super) fn list_json(&self) -> Value {
         let pods: Vec<Value> = self
             .order
             .iter()
@@ -453,7 +462,7 @@ impl World {
         json!({ "pods": pods })
     }
 
-    pub fn terminate(&mut self, id: &str) -> Result<(), Problem> {
+    pub(super) fn terminate(&mut self, id: &str) -> Result<(), Problem> {
         let now = self.clock.now();
         let stock = &mut self.stock;
         let Some(pod) = self
@@ -470,7 +479,7 @@ impl World {
     }
 
     /// start / stop / restart (terminate is handled by the caller).
-    pub fn action(&mut self, id: &str, action: &str) -> Result<Value, Problem> {
+    pub(super) fn action(&mut self, id: &str, action: &str) -> Result<Value, Problem> {
         let now = self.clock.now();
         let resume_refused = self.faults.resume_refused;
         let never_ready = self.faults.never_ready;
@@ -530,7 +539,7 @@ impl World {
         self.pod_json(id)
     }
 
-    pub fn catalog_json(&self, availability: bool) -> Value {
+    pub(super) fn catalog_json(&self, availability: bool) -> Value {
         let gpus: Vec<Value> = self
             .config
             .gpus
@@ -571,7 +580,7 @@ impl World {
         }
     }
 
-    pub fn gql_gpu_types(&self) -> Value {
+    pub(super) fn gql_gpu_types(&self) -> Value {
         let types: Vec<Value> = self
             .config
             .gpus
@@ -600,7 +609,7 @@ impl World {
         json!({ "gpuTypes": types })
     }
 
-    pub fn billing_json(&self, pod_filter: Option<&str>, bucket: &str) -> Value {
+    pub(super) fn billing_json(&self, pod_filter: Option<&str>, bucket: &str) -> Value {
         let start = fmt_time(self.started);
         let end = fmt_time(self.clock.now());
         let records: Vec<Value> = self
@@ -629,15 +638,15 @@ impl World {
         })
     }
 
-    pub fn ssh_keys_json(&self) -> Value {
+    pub(super) fn ssh_keys_json(&self) -> Value {
         json!({ "keys": self.ssh_keys })
     }
 
-    pub fn set_ssh_keys(&mut self, keys: Vec<String>) {
+    pub(super) fn set_ssh_keys(&mut self, keys: Vec<String>) {
         self.ssh_keys = keys;
     }
 
-    pub fn admin_pods(&self) -> Vec<AdminPod> {
+    pub(super) fn admin_pods(&self) -> Vec<AdminPod> {
         self.order
             .iter()
             .filter_map(|id| self.pods.get(id))
@@ -657,7 +666,7 @@ impl World {
     }
 
     /// Kills every sshd (shutdown).
-    pub fn kill_all(&mut self) {
+    pub(super) fn kill_all(&mut self) {
         for pod in self.pods.values_mut() {
             if let Some(mut s) = pod.sshd.take() {
                 s.kill();
@@ -711,7 +720,7 @@ impl Drop for World {
 
 /// A request-level fault drawn for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RequestFault {
+pub(super) enum RequestFault {
     /// 429 with this Retry-After (seconds).
     RateLimited(u64),
     /// 500.
@@ -720,18 +729,18 @@ pub enum RequestFault {
 
 /// A validated create (REST or spot).
 #[derive(Debug)]
-pub struct CreateRequest {
-    pub name: String,
-    pub image: String,
-    pub gpu_type: String,
-    pub gpu_count: u32,
-    pub cloud: String,
-    pub env: BTreeMap<String, String>,
-    pub ports: Vec<String>,
-    pub disk: u32,
-    pub data_center_ids: Vec<String>,
-    pub start_ssh: bool,
-    pub bid: Option<f64>,
+pub(super) struct CreateRequest {
+    pub(super) name: String,
+    pub(super) image: String,
+    pub(super) gpu_type: String,
+    pub(super) gpu_count: u32,
+    pub(super) cloud: String,
+    pub(super) env: BTreeMap<String, String>,
+    pub(super) ports: Vec<String>,
+    pub(super) disk: u32,
+    pub(super) data_center_ids: Vec<String>,
+    pub(super) start_ssh: bool,
+    pub(super) bid: Option<f64>,
 }
 
 /// Actions valid in a status (the spec's table).

@@ -6,6 +6,7 @@
 //! Ownership: every pod this autoscaler launches carries an owner marker (a name prefix and an
 //! environment variable, see [`OwnerMarker`]); [`CloudProvider::list`] returns only those.
 
+/// The RunPod implementation.
 pub mod runpod;
 
 use std::collections::BTreeMap;

@@ -12,23 +12,23 @@ use crate::provider::{Pod, SshEndpoint};
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct WirePod {
-    pub id: String,
+    pub(super) id: String,
     #[serde(default)]
-    pub name: String,
+    pub(super) name: String,
     #[serde(default = "unknown_status")]
-    pub status: PodState,
+    pub(super) status: PodState,
     #[serde(default)]
-    pub gpu: Option<WireGpu>,
+    pub(super) gpu: Option<WireGpu>,
     #[serde(default)]
-    pub cost: Option<f64>,
+    pub(super) cost: Option<f64>,
     #[serde(default)]
-    pub env: Option<BTreeMap<String, String>>,
+    pub(super) env: Option<BTreeMap<String, String>>,
     #[serde(default)]
-    pub ssh: Option<WireSsh>,
+    pub(super) ssh: Option<WireSsh>,
     #[serde(default)]
-    pub runtime: Option<WireRuntime>,
+    pub(super) runtime: Option<WireRuntime>,
     #[serde(default)]
-    pub created_at: Option<String>,
+    pub(super) created_at: Option<String>,
 }
 
 fn unknown_status() -> PodState {
@@ -37,41 +37,41 @@ fn unknown_status() -> PodState {
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WireGpu {
-    pub id: String,
+    pub(super) id: String,
     #[serde(default)]
-    pub count: Option<u32>,
+    pub(super) count: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WireSsh {
     #[serde(default)]
-    pub direct: Option<WireSshEndpoint>,
+    pub(super) direct: Option<WireSshEndpoint>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WireSshEndpoint {
-    pub host: String,
-    pub port: u16,
+    pub(super) host: String,
+    pub(super) port: u16,
     #[serde(default)]
-    pub username: Option<String>,
+    pub(super) username: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WireRuntime {
     #[serde(default)]
-    pub ports: Option<Vec<WirePort>>,
+    pub(super) ports: Option<Vec<WirePort>>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WirePort {
     #[serde(default)]
-    pub private: Option<u16>,
+    pub(super) private: Option<u16>,
     #[serde(default)]
-    pub public: Option<u16>,
+    pub(super) public: Option<u16>,
     #[serde(default, rename = "type")]
-    pub kind: Option<String>,
+    pub(super) kind: Option<String>,
     #[serde(default)]
-    pub ip: Option<String>,
+    pub(super) ip: Option<String>,
 }
 
 impl WirePod {
@@ -125,40 +125,40 @@ impl WirePod {
 #[derive(Debug, Deserialize)]
 pub(super) struct WirePodList {
     #[serde(default)]
-    pub pods: Vec<WirePod>,
+    pub(super) pods: Vec<WirePod>,
 }
 
 /// `CreatePodRequest` (the fields we send).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct CreatePod<'a> {
-    pub name: &'a str,
-    pub image: &'a str,
-    pub gpu: CreateGpu<'a>,
-    pub cloud: &'a str,
+    pub(super) name: &'a str,
+    pub(super) image: &'a str,
+    pub(super) gpu: CreateGpu<'a>,
+    pub(super) cloud: &'a str,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    pub data_center_ids: &'a [String],
-    pub ports: Vec<&'a str>,
-    pub env: &'a BTreeMap<String, String>,
-    pub start_ssh: bool,
-    pub disk: u32,
+    pub(super) data_center_ids: &'a [String],
+    pub(super) ports: Vec<&'a str>,
+    pub(super) env: &'a BTreeMap<String, String>,
+    pub(super) start_ssh: bool,
+    pub(super) disk: u32,
 }
 
 #[derive(Debug, Serialize)]
 pub(super) struct CreateGpu<'a> {
-    pub id: &'a str,
-    pub count: u32,
+    pub(super) id: &'a str,
+    pub(super) count: u32,
 }
 
 /// RFC 9457 problem details.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct Problem {
     #[serde(default)]
-    pub title: Option<String>,
+    pub(super) title: Option<String>,
     #[serde(default)]
-    pub detail: Option<String>,
+    pub(super) detail: Option<String>,
     #[serde(default)]
-    pub errors: Option<Vec<String>>,
+    pub(super) errors: Option<Vec<String>>,
 }
 
 impl Problem {
@@ -181,54 +181,54 @@ impl Problem {
 #[derive(Debug, Deserialize)]
 pub(super) struct WireGpuList {
     #[serde(default)]
-    pub gpus: Vec<WireGpuType>,
+    pub(super) gpus: Vec<WireGpuType>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WireGpuType {
-    pub id: String,
+    pub(super) id: String,
     #[serde(default)]
-    pub name: Option<String>,
+    pub(super) name: Option<String>,
     #[serde(default)]
-    pub memory: Option<u32>,
+    pub(super) memory: Option<u32>,
     #[serde(default)]
-    pub secure: Option<bool>,
+    pub(super) secure: Option<bool>,
     #[serde(default)]
-    pub community: Option<bool>,
+    pub(super) community: Option<bool>,
     #[serde(default)]
-    pub price: Option<WirePrice>,
+    pub(super) price: Option<WirePrice>,
     #[serde(default)]
-    pub availability: Option<String>,
+    pub(super) availability: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct WirePrice {
     #[serde(default)]
-    pub secure: Option<f64>,
+    pub(super) secure: Option<f64>,
     #[serde(default)]
-    pub community: Option<f64>,
+    pub(super) community: Option<f64>,
 }
 
 /// A GraphQL request.
 #[derive(Debug, Serialize)]
 pub(super) struct GqlRequest<'a, V: Serialize> {
-    pub query: &'a str,
-    pub variables: V,
+    pub(super) query: &'a str,
+    pub(super) variables: V,
 }
 
 /// A GraphQL response: `data` and/or `errors` (errors come with HTTP 200).
 #[derive(Debug, Deserialize)]
 pub(super) struct GqlResponse<D> {
     #[serde(default = "Option::default")]
-    pub data: Option<D>,
+    pub(super) data: Option<D>,
     #[serde(default)]
-    pub errors: Vec<GqlError>,
+    pub(super) errors: Vec<GqlError>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct GqlError {
     #[serde(default)]
-    pub message: String,
+    pub(super) message: String,
 }
 
 /// `gpuTypes` query result.
@@ -236,51 +236,51 @@ pub(super) struct GqlError {
 #[serde(rename_all = "camelCase")]
 pub(super) struct GqlGpuTypes {
     #[serde(default)]
-    pub gpu_types: Vec<GqlGpuType>,
+    pub(super) gpu_types: Vec<GqlGpuType>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct GqlGpuType {
-    pub id: String,
+    pub(super) id: String,
     #[serde(default)]
-    pub secure_spot_price: Option<f64>,
+    pub(super) secure_spot_price: Option<f64>,
     #[serde(default)]
-    pub community_spot_price: Option<f64>,
+    pub(super) community_spot_price: Option<f64>,
     #[serde(default)]
-    pub lowest_price: Option<GqlLowestPrice>,
+    pub(super) lowest_price: Option<GqlLowestPrice>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct GqlLowestPrice {
     #[serde(default)]
-    pub minimum_bid_price: Option<f64>,
+    pub(super) minimum_bid_price: Option<f64>,
     #[serde(default)]
-    pub stock_status: Option<String>,
+    pub(super) stock_status: Option<String>,
 }
 
 /// `PodRentInterruptableInput`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct SpotInput<'a> {
-    pub bid_per_gpu: f64,
-    pub gpu_type_id: &'a str,
-    pub gpu_count: u32,
-    pub cloud_type: &'a str,
-    pub name: &'a str,
-    pub image_name: &'a str,
-    pub ports: &'a str,
-    pub env: Vec<GqlEnv<'a>>,
-    pub start_ssh: bool,
-    pub support_public_ip: bool,
-    pub container_disk_in_gb: u32,
+    pub(super) bid_per_gpu: f64,
+    pub(super) gpu_type_id: &'a str,
+    pub(super) gpu_count: u32,
+    pub(super) cloud_type: &'a str,
+    pub(super) name: &'a str,
+    pub(super) image_name: &'a str,
+    pub(super) ports: &'a str,
+    pub(super) env: Vec<GqlEnv<'a>>,
+    pub(super) start_ssh: bool,
+    pub(super) support_public_ip: bool,
+    pub(super) container_disk_in_gb: u32,
 }
 
 #[derive(Debug, Serialize)]
 pub(super) struct GqlEnv<'a> {
-    pub key: &'a str,
-    pub value: &'a str,
+    pub(super) key: &'a str,
+    pub(super) value: &'a str,
 }
 
 /// `podRentInterruptable` result.
@@ -288,12 +288,12 @@ pub(super) struct GqlEnv<'a> {
 #[serde(rename_all = "camelCase")]
 pub(super) struct GqlRentResult {
     #[serde(default)]
-    pub pod_rent_interruptable: Option<GqlPodId>,
+    pub(super) pod_rent_interruptable: Option<GqlPodId>,
 }
 
 #[derive(Debug, Deserialize)]
 pub(super) struct GqlPodId {
-    pub id: String,
+    pub(super) id: String,
 }
 
 #[cfg(test)]
