@@ -19,7 +19,7 @@ else
   cargo test --locked --no-fail-fast
 fi
 
-log "Python (grpcio) wire tests against the built binary"
+log "Python tests against the built binary (KEDA grpcio wire, emulator OpenAPI conformance, CLI)"
 RPA_BINARY="$ROOT/target/debug/runpod-autoscaler" "$ROOT/.venv/bin/python" -m pytest -q tests/python
 
 log "checking the example configuration and the simulator CLI"
