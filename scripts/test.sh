@@ -7,10 +7,12 @@ cd "$ROOT"
 
 ensure_rust
 ensure_venv
-# Real components for the integration tests (tansu broker, Prometheus); exports
-# RPA_TANSU_BIN and RPA_PROMETHEUS_BIN, which the tests require.
+# Real components for the integration tests: a tansu broker and Prometheus (exports
+# RPA_TANSU_BIN and RPA_PROMETHEUS_BIN, which the tests require) and OpenSSH's sshd (the
+# stand-in for a RunPod pod's sshd in the emulator).
 ensure_tansu
 ensure_prometheus
+ensure_sshd
 
 log "building"
 cargo build --locked --all-targets
@@ -22,7 +24,7 @@ else
   cargo test --locked --no-fail-fast
 fi
 
-log "Python (grpcio) wire tests against the built binary"
+log "Python tests against the built binary (KEDA grpcio wire, emulator OpenAPI conformance, CLI)"
 RPA_BINARY="$ROOT/target/debug/runpod-autoscaler" "$ROOT/.venv/bin/python" -m pytest -q tests/python
 
 log "checking the example configuration and the simulator CLI"

@@ -390,11 +390,81 @@ impl PrometheusSourceConfig {
 }
 
 /// RunPod API access.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunPodConfig {
     /// API key; the `RUNPOD_API_KEY` environment variable takes precedence.
     pub api_key: Option<Secret>,
+    /// REST base URL (paths start with `/v2`); `RUNPOD_API_URL` takes precedence.
+    pub api_url: String,
+    /// GraphQL endpoint; `RUNPOD_GRAPHQL_URL` takes precedence.
+    pub graphql_url: String,
+    /// Every pod this autoscaler creates is named with this prefix.
+    pub name_prefix: String,
+    /// Value of the `RPA_OWNER` env var on our pods (e.g. the cluster name); with the prefix,
+    /// it decides which pods are ours.
+    pub owner: String,
+    /// Per-request timeout.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for RunPodConfig {
+    fn default() -> Self {
+        RunPodConfig {
+            api_key: None,
+            api_url: "https://api.runpod.io".into(),
+            graphql_url: "https://api.runpod.io/graphql".into(),
+            name_prefix: "rpa-".into(),
+            owner: "runpod-autoscaler".into(),
+            // RunPod answers within a few seconds; 30 s bounds a hung call.
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RunPodConfig {
+    /// Applies `RUNPOD_API_KEY`, `RUNPOD_API_URL` and `RUNPOD_GRAPHQL_URL` when set and non-empty.
+    pub fn apply_env(&mut self) {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(key) = var("RUNPOD_API_KEY") {
+            self.api_key = Some(Secret::new(key));
+        }
+        if let Some(url) = var("RUNPOD_API_URL") {
+            self.api_url = url;
+        }
+        if let Some(url) = var("RUNPOD_GRAPHQL_URL") {
+            self.graphql_url = url;
+        }
+    }
+
+    /// Reads only the `[runpod]` table of a configuration file (for the `gpus` and `pods`
+    /// commands, which need no policy), then applies the environment.
+    pub fn load_section(path: Option<&Path>) -> Result<RunPodConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default)]
+            runpod: RunPodConfig,
+        }
+        let mut c = match path {
+            None => RunPodConfig::default(),
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Parse(format!(
+                        "config file {} not found",
+                        path.display()
+                    )));
+                }
+                Figment::new()
+                    .merge(Toml::file_exact(path))
+                    .extract::<Only>()
+                    .map_err(|e| ConfigError::Parse(describe_figment(e)))?
+                    .runpod
+            }
+        };
+        c.apply_env();
+        Ok(c)
+    }
 }
 
 mod defaults {
@@ -462,11 +532,7 @@ impl Config {
             .merge(Env::prefixed(ENV_PREFIX).split("__").lowercase(true))
             .extract()
             .map_err(|e| ConfigError::Parse(describe_figment(e)))?;
-        if let Ok(key) = std::env::var("RUNPOD_API_KEY") {
-            if !key.is_empty() {
-                config.runpod.api_key = Some(Secret::new(key));
-            }
-        }
+        config.runpod.apply_env();
         config.validate()?;
         Ok(config)
     }
@@ -583,6 +649,23 @@ impl Config {
             }
             Some(LatencySourceConfig::Prometheus(p)) => validate_prometheus(p)?,
             _ => {}
+        }
+        if self.runpod.name_prefix.trim().is_empty() {
+            return invalid(
+                "runpod.name_prefix",
+                "is empty, so every pod of the account would look like ours".into(),
+                "set a distinctive prefix, e.g. \"rpa-\"",
+            );
+        }
+        if self.runpod.owner.trim().is_empty() {
+            return invalid(
+                "runpod.owner",
+                "is empty".into(),
+                "set an owner id, e.g. the cluster name",
+            );
+        }
+        if self.runpod.request_timeout.is_zero() {
+            return invalid("runpod.request_timeout", "is 0".into(), "set e.g. \"30s\"");
         }
         if let Some(tls) = &self.service.tls {
             for (key, path) in [
@@ -824,6 +907,14 @@ mod tests {
             (
                 MINIMAL.replace("max_pods = 4", "max_pods = 4\nslo_p95 = \"soon\""),
                 "policy.slo_p95",
+            ),
+            (
+                format!("{MINIMAL}\n[runpod]\nname_prefix = \"\""),
+                "runpod.name_prefix",
+            ),
+            (
+                format!("{MINIMAL}\n[runpod]\nrequest_timeout = \"0s\""),
+                "runpod.request_timeout",
             ),
         ];
         for (text, key) in cases {

@@ -4,13 +4,17 @@
 pub mod clock;
 pub mod config;
 pub mod decide;
+pub mod emulator;
+pub mod join;
 pub mod model;
+pub mod provider;
 pub mod scaler;
 pub mod service;
 pub mod signals;
 pub mod simulate;
 pub mod snapshot;
 pub mod telemetry;
+mod tls;
 
 /// Code generated from `proto/externalscaler.proto` (KEDA's external scaler contract).
 pub mod proto {

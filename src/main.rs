@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+mod cli;
+
 use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::{Config, LogFormat};
 use runpod_autoscaler::decide::PolicyKind;
@@ -66,6 +68,32 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Run the RunPod API emulator (REST v2 + GraphQL subset, sshd-backed pods, faults).
+    Emulator {
+        /// Listen address (port 0 picks a free one; the chosen address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Accepted API key (added to the config's `api_keys`).
+        #[arg(long, env = "RUNPOD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Emulator configuration (TOML: catalog, boot delay, faults); defaults without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// GPU types with memory, on-demand and spot prices, and stock.
+    Gpus {
+        /// Configuration file (only its `[runpod]` table is read).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Pods this autoscaler owns.
+    Pods {
+        #[command(subcommand)]
+        command: PodsCommand,
+    },
     /// Call the scaler like KEDA does (GetMetricSpec, GetMetrics, IsActive) and print answers.
     ScalerProbe {
         /// Scaler address, e.g. http://127.0.0.1:9090.
@@ -74,6 +102,34 @@ enum Command {
         /// Trigger metadata, repeatable: `-m targetSize=2`.
         #[arg(long = "metadata", short = 'm', value_parser = parse_pair)]
         metadata: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodsCommand {
+    /// List our pods: state, age, $/h, SSH endpoint.
+    List {
+        /// Configuration file (only its `[runpod]` table is read).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Terminate one pod, or every pod we own. Asks first unless --yes.
+    Terminate {
+        /// The pod id.
+        #[arg(required_unless_present = "all_owned", conflicts_with = "all_owned")]
+        id: Option<String>,
+        /// Every pod this autoscaler owns.
+        #[arg(long)]
+        all_owned: bool,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Configuration file (only its `[runpod]` table is read).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -111,6 +167,28 @@ fn main() -> ExitCode {
             config,
             output,
         } => run_simulation(&traces, policy, config.as_deref(), output),
+        Command::Emulator {
+            listen,
+            api_key,
+            config,
+        } => runtime().and_then(|rt| rt.block_on(run_emulator(listen, api_key, config))),
+        Command::Gpus { config, output } => runtime()
+            .and_then(|rt| rt.block_on(cli::gpus(config.as_deref(), output == Output::Json))),
+        Command::Pods { command } => runtime().and_then(|rt| {
+            rt.block_on(async move {
+                match command {
+                    PodsCommand::List { config, output } => {
+                        cli::pods_list(config.as_deref(), output == Output::Json).await
+                    }
+                    PodsCommand::Terminate {
+                        id,
+                        all_owned,
+                        yes,
+                        config,
+                    } => cli::pods_terminate(config.as_deref(), id, all_owned, yes).await,
+                }
+            })
+        }),
         Command::ScalerProbe { addr, metadata } => {
             runtime().and_then(|rt| rt.block_on(probe(addr, metadata)))
         }
@@ -360,5 +438,45 @@ async fn probe(addr: String, metadata: Vec<(String, String)>) -> Result<()> {
         .context("IsActive")?
         .into_inner();
     println!("IsActive:      result={}", active.result);
+    Ok(())
+}
+
+async fn run_emulator(
+    listen: SocketAddr,
+    api_key: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    use runpod_autoscaler::config::Secret;
+    use runpod_autoscaler::emulator::{EmulatorConfig, RunningEmulator};
+    init_logging(LogFormat::Text);
+    let mut cfg = match &config {
+        Some(path) => EmulatorConfig::load(path)?,
+        None => EmulatorConfig::default(),
+    };
+    if let Some(k) = api_key.filter(|k| !k.is_empty()) {
+        cfg.api_keys.push(Secret::new(k));
+    }
+    if cfg.api_keys.is_empty() {
+        bail!("no API key: pass --api-key KEY (or RUNPOD_API_KEY), or set api_keys in the emulator config");
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the emulator to {listen}"))?;
+    let emulator = RunningEmulator::start(listener, cfg, Arc::new(SystemClock)).await?;
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "addr": emulator.addr(),
+            "api_url": emulator.api_url(), "graphql_url": emulator.graphql_url()})
+    );
+    info!(addr = %emulator.addr(), "RunPod emulator serving");
+    let token = CancellationToken::new();
+    let signal_token = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal_token.cancel();
+    });
+    // Kills every pod's sshd before returning.
+    emulator.serve_until(token).await;
+    info!("emulator stopped");
     Ok(())
 }

@@ -374,12 +374,8 @@ async fn server_tls() {
     assert!(plain.is_active(object(&[])).await.is_err());
     // A client that does not trust the server's CA is refused.
     let other_ca = new_pki().ca_pem;
-    let refused = match tls_client(server.addr, &other_ca, None).await {
-        Err(_) => true,
-        Ok(mut c) => c.is_active(object(&[])).await.is_err(),
-    };
     assert!(
-        refused,
+        refused(server.addr, &other_ca, None).await,
         "client accepted a server certificate from an unknown CA"
     );
     server.shutdown.cancel();
@@ -409,23 +405,15 @@ async fn mutual_tls_requires_a_client_certificate() {
     );
 
     // Without a client certificate the handshake or the first call fails.
-    let refused = match tls_client(server.addr, &pki.ca_pem, None).await {
-        Err(_) => true,
-        Ok(mut c) => c.is_active(object(&[])).await.is_err(),
-    };
     assert!(
-        refused,
+        refused(server.addr, &pki.ca_pem, None).await,
         "mTLS server accepted a client without a certificate"
     );
 
     // A certificate from another CA is refused too.
     let stranger = new_pki();
-    let refused = match tls_client(server.addr, &pki.ca_pem, Some(&stranger.client)).await {
-        Err(_) => true,
-        Ok(mut c) => c.is_active(object(&[])).await.is_err(),
-    };
     assert!(
-        refused,
+        refused(server.addr, &pki.ca_pem, Some(&stranger.client)).await,
         "mTLS server accepted a client certificate from an unknown CA"
     );
     server.shutdown.cancel();

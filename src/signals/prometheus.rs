@@ -135,9 +135,7 @@ fn http_client(settings: &PrometheusSettings) -> Result<reqwest::Client, SignalE
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
     }
-    // reqwest's rustls backend needs a process-wide crypto provider; ring is the one the rest
-    // of the binary (tonic) already uses. An already-installed provider is fine.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_crypto_provider();
     reqwest::Client::builder()
         .default_headers(headers)
         .timeout(settings.timeout)

@@ -1,0 +1,517 @@
+//! The emulator's HTTP surface (axum): REST v2, `/graphql`, `/admin`. Every API request passes
+//! auth (401), then the drawn fault (429 / 500), then the slow-response delay; every answer
+//! carries `RateLimit` and `RateLimit-Policy` headers; errors are `application/problem+json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::world::{CreateRequest, Problem, RequestFault, World};
+use super::Faults;
+
+type Shared = Arc<Mutex<World>>;
+
+/// The example quota of RunPod's docs: 60 requests per minute.
+const RATE_POLICY: &str = "\"default\";q=60;w=60";
+
+fn lock(w: &Shared) -> MutexGuard<'_, World> {
+    w.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The full router: API (behind [`guard`]) and admin endpoints.
+pub(super) fn router(world: Shared) -> Router {
+    let api = Router::new()
+        .route("/v2/pods", get(list_pods).post(create_pod))
+        .route("/v2/pods/{id}", get(get_pod).delete(delete_pod))
+        .route("/v2/pods/{id}/action", post(pod_action))
+        .route("/v2/catalog/gpus", get(catalog))
+        .route("/v2/billing/pods", get(billing))
+        .route("/v2/account/ssh-keys", get(get_keys).put(put_keys))
+        .route("/graphql", post(graphql))
+        .layer(middleware::from_fn_with_state(world.clone(), guard));
+    let admin = Router::new()
+        .route("/admin/pods", get(admin_pods))
+        .route("/admin/pods/{id}/preempt", post(admin_preempt))
+        .route("/admin/faults", get(get_faults).put(put_faults))
+        .route("/admin/host-key", get(host_key));
+    api.merge(admin)
+        .fallback(|| async { problem(Problem::new(404, "Not Found", "no such endpoint")) })
+        .with_state(world)
+}
+
+/// An RFC 9457 problem answer.
+fn problem(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({"title": p.title, "status": p.status, "detail": p.detail});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok_json(status: StatusCode, v: Value) -> Response {
+    (status, Json(v)).into_response()
+}
+
+fn bad_json(e: impl std::fmt::Display) -> Response {
+    problem(Problem::new(422, "Unprocessable Entity", e.to_string()))
+}
+
+/// Auth, injected faults, slowness, and rate-limit headers around every API call.
+async fn guard(State(world): State<Shared>, req: Request, next: Next) -> Response {
+    let key = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    let (authorized, fault, slow) = {
+        let mut w = lock(&world);
+        let authorized = w.authorized(&key);
+        let fault = if authorized { w.draw_fault() } else { None };
+        w.advance();
+        (authorized, fault, w.faults.slow_response)
+    };
+    if !slow.is_zero() {
+        tokio::time::sleep(slow).await;
+    }
+    let mut resp = if !authorized {
+        problem(Problem::new(
+            401,
+            "Unauthorized",
+            "missing or invalid API key: send Authorization: Bearer <key>",
+        ))
+    } else {
+        match fault {
+            Some(RequestFault::RateLimited(secs)) => {
+                let mut r = problem(Problem::new(
+                    429,
+                    "Too Many Requests",
+                    format!("rate limit exceeded; retry after {secs} s"),
+                ));
+                if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r=0;t={secs}")) {
+                    r.headers_mut().insert("ratelimit", v);
+                }
+                r
+            }
+            Some(RequestFault::ServerError) => problem(Problem::new(
+                500,
+                "Internal Server Error",
+                "injected server error",
+            )),
+            None => next.run(req).await,
+        }
+    };
+    let h = resp.headers_mut();
+    if !h.contains_key("ratelimit") {
+        h.insert(
+            "ratelimit",
+            HeaderValue::from_static("\"default\";r=59;t=60"),
+        );
+    }
+    h.insert("ratelimit-policy", HeaderValue::from_static(RATE_POLICY));
+    resp
+}
+
+async fn list_pods(State(w): State<Shared>) -> Response {
+    ok_json(StatusCode::OK, lock(&w).list_json())
+}
+
+async fn get_pod(State(w): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&w).pod_json(&id) {
+        Ok(v) => ok_json(StatusCode::OK, v),
+        Err(p) => problem(p),
+    }
+}
+
+async fn delete_pod(State(w): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&w).terminate(&id) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(p) => problem(p),
+    }
+}
+
+/// `CreatePodRequest`: unknown fields are a contract violation (422), as in the spec.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    template_id: Option<String>,
+    #[serde(default)]
+    gpu: Option<CreateGpu>,
+    #[serde(default)]
+    cpu: Option<Value>,
+    #[serde(default)]
+    cloud: Option<String>,
+    #[serde(default)]
+    data_center_ids: Vec<String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    start_ssh: bool,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    start_jupyter: bool,
+    #[serde(default)]
+    disk: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    args: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    registry: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    mounts: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    global_networking: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateGpu {
+    id: String,
+    #[serde(default = "one")]
+    count: u32,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    allowed_cuda_versions: Option<Vec<String>>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    min_cuda_version: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
+    let b: CreateBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_json(e),
+    };
+    if b.name.trim().is_empty() {
+        return bad_json("name must not be empty");
+    }
+    let image = match (b.image, &b.template_id) {
+        (Some(i), _) if !i.is_empty() => i,
+        (_, Some(t)) => format!("template:{t}"),
+        _ => return bad_json("image is required unless templateId is set"),
+    };
+    let Some(gpu) = b.gpu else {
+        let what = if b.cpu.is_some() {
+            "CPU pods are not emulated; "
+        } else {
+            ""
+        };
+        return problem(Problem::new(
+            400,
+            "Bad Request",
+            format!("{what}gpu is required"),
+        ));
+    };
+    let cloud = b.cloud.unwrap_or_else(|| "SECURE".into());
+    if cloud != "SECURE" && cloud != "COMMUNITY" {
+        return bad_json(format!("cloud must be SECURE or COMMUNITY, not {cloud:?}"));
+    }
+    let req = CreateRequest {
+        name: b.name,
+        image,
+        gpu_type: gpu.id,
+        gpu_count: gpu.count,
+        cloud,
+        env: b.env,
+        ports: b.ports,
+        disk: b.disk.unwrap_or(20),
+        data_center_ids: b.data_center_ids,
+        start_ssh: b.start_ssh,
+        bid: None,
+    };
+    let mut world = lock(&w);
+    match world.create(req) {
+        Ok(id) => {
+            if world.take_error_after_create() {
+                return problem(Problem::new(
+                    500,
+                    "Internal Server Error",
+                    "injected error after a successful create",
+                ));
+            }
+            match world.pod_json(&id) {
+                Ok(v) => ok_json(StatusCode::CREATED, v),
+                Err(p) => problem(p),
+            }
+        }
+        Err(p) => problem(p),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action: String,
+}
+
+async fn pod_action(State(w): State<Shared>, Path(id): Path<String>, body: Bytes) -> Response {
+    let b: ActionBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_json(e),
+    };
+    if !["start", "stop", "restart", "terminate"].contains(&b.action.as_str()) {
+        return bad_json(format!(
+            "action must be one of start, stop, restart, terminate; got {:?}",
+            b.action
+        ));
+    }
+    let mut world = lock(&w);
+    if b.action == "terminate" {
+        return match world.terminate(&id) {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(p) => problem(p),
+        };
+    }
+    match world.action(&id, &b.action) {
+        Ok(v) => ok_json(StatusCode::OK, v),
+        Err(p) => problem(p),
+    }
+}
+
+async fn catalog(State(w): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let include = q
+        .get("include")
+        .is_some_and(|v| v.split(',').any(|x| x == "AVAILABILITY"));
+    if include && !q.contains_key("product") {
+        return problem(Problem::new(
+            400,
+            "Bad Request",
+            "include=AVAILABILITY requires product (e.g. product=POD)",
+        ));
+    }
+    ok_json(StatusCode::OK, lock(&w).catalog_json(include))
+}
+
+async fn billing(State(w): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let bucket = q.get("bucketSize").map(String::as_str).unwrap_or("day");
+    if !["hour", "day", "week", "month", "year"].contains(&bucket) {
+        return bad_json(format!(
+            "bucketSize {bucket:?} is not one of hour, day, week, month, year"
+        ));
+    }
+    ok_json(
+        StatusCode::OK,
+        lock(&w).billing_json(q.get("podId").map(String::as_str), bucket),
+    )
+}
+
+async fn get_keys(State(w): State<Shared>) -> Response {
+    ok_json(StatusCode::OK, lock(&w).ssh_keys_json())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysBody {
+    keys: Vec<String>,
+}
+
+async fn put_keys(State(w): State<Shared>, body: Bytes) -> Response {
+    let b: KeysBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_json(e),
+    };
+    if let Some(bad) = b.keys.iter().find(|k| {
+        let mut parts = k.split_whitespace();
+        let (kind, data) = (parts.next().unwrap_or(""), parts.next());
+        !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+            || data.is_none()
+            || k.contains('\n')
+    }) {
+        return bad_json(format!("not an OpenSSH public key: {bad:?}"));
+    }
+    let mut world = lock(&w);
+    world.set_ssh_keys(b.keys);
+    ok_json(StatusCode::OK, world.ssh_keys_json())
+}
+
+#[derive(Deserialize)]
+struct GqlBody {
+    query: String,
+    #[serde(default)]
+    variables: Value,
+}
+
+/// `PodRentInterruptableInput` (the fields the emulator knows; others are HTTP 400).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SpotInput {
+    bid_per_gpu: f64,
+    gpu_type_id: String,
+    #[serde(default = "one")]
+    gpu_count: u32,
+    #[serde(default)]
+    cloud_type: Option<String>,
+    name: String,
+    image_name: String,
+    #[serde(default)]
+    ports: Option<String>,
+    #[serde(default)]
+    env: Vec<GqlEnv>,
+    #[serde(default)]
+    start_ssh: bool,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    support_public_ip: Option<bool>,
+    #[serde(default)]
+    container_disk_in_gb: Option<u32>,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as the spec allows; not emulated
+    volume_in_gb: Option<u32>,
+    #[serde(default)]
+    data_center_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GqlEnv {
+    key: String,
+    value: String,
+}
+
+fn gql_error(field: &str, message: &str) -> Response {
+    ok_json(
+        StatusCode::OK,
+        json!({"errors": [{"message": message, "path": [field], "extensions": {"code": "RUNPOD"}}],
+               "data": {field: null}}),
+    )
+}
+
+fn gql_bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"errors": [{"message": message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}]})),
+    )
+        .into_response()
+}
+
+/// The GraphQL subset: operations are recognised by their root field; every field of the
+/// subset is returned whatever the selection set asks for.
+async fn graphql(State(w): State<Shared>, body: Bytes) -> Response {
+    let b: GqlBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return gql_bad_request(format!("invalid GraphQL request: {e}")),
+    };
+    if b.query.contains("podRentInterruptable") {
+        let input: SpotInput = match serde_json::from_value(b.variables["input"].clone()) {
+            Ok(i) => i,
+            Err(e) => return gql_bad_request(format!("invalid PodRentInterruptableInput: {e}")),
+        };
+        let req = CreateRequest {
+            name: input.name,
+            image: input.image_name,
+            gpu_type: input.gpu_type_id,
+            gpu_count: input.gpu_count,
+            cloud: input.cloud_type.unwrap_or_else(|| "SECURE".into()),
+            env: input.env.into_iter().map(|e| (e.key, e.value)).collect(),
+            ports: input
+                .ports
+                .map(|p| p.split(',').map(|s| s.trim().to_owned()).collect())
+                .unwrap_or_default(),
+            disk: input.container_disk_in_gb.unwrap_or(20),
+            data_center_ids: input.data_center_id.into_iter().collect(),
+            start_ssh: input.start_ssh,
+            bid: Some(input.bid_per_gpu),
+        };
+        let mut world = lock(&w);
+        return match world.create(req) {
+            Ok(id) => {
+                if world.take_error_after_create() {
+                    return problem(Problem::new(
+                        500,
+                        "Internal Server Error",
+                        "injected error after a successful create",
+                    ));
+                }
+                ok_json(
+                    StatusCode::OK,
+                    json!({"data": {"podRentInterruptable": {"id": id}}}),
+                )
+            }
+            Err(p) => gql_error("podRentInterruptable", &p.detail),
+        };
+    }
+    if b.query.contains("podTerminate") {
+        let id = b.variables["input"]["podId"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        return match lock(&w).terminate(&id) {
+            Ok(()) => ok_json(StatusCode::OK, json!({"data": {"podTerminate": null}})),
+            Err(_) => gql_error("podTerminate", "pod not found to terminate"),
+        };
+    }
+    if b.query.contains("gpuTypes") {
+        return ok_json(StatusCode::OK, json!({"data": lock(&w).gql_gpu_types()}));
+    }
+    gql_bad_request("operation not supported by the emulator".into())
+}
+
+async fn admin_pods(State(w): State<Shared>) -> Response {
+    let mut world = lock(&w);
+    world.advance();
+    ok_json(StatusCode::OK, json!({"pods": world.admin_pods()}))
+}
+
+async fn admin_preempt(State(w): State<Shared>, Path(id): Path<String>) -> Response {
+    let mut world = lock(&w);
+    world.advance();
+    if world.preempt(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem(Problem::new(
+            409,
+            "Conflict",
+            format!("pod {id} is not RUNNING"),
+        ))
+    }
+}
+
+async fn get_faults(State(w): State<Shared>) -> Response {
+    ok_json(StatusCode::OK, json!(lock(&w).faults))
+}
+
+async fn put_faults(State(w): State<Shared>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            lock(&w).faults = f.clone();
+            ok_json(StatusCode::OK, json!(f))
+        }
+        Err(e) => bad_json(e),
+    }
+}
+
+async fn host_key(State(w): State<Shared>) -> Response {
+    ok_json(
+        StatusCode::OK,
+        json!({"hostKey": lock(&w).host_public_key()}),
+    )
+}

@@ -1,0 +1,758 @@
+//! The emulator's state: pods, catalog stock, account SSH keys, faults, the seeded RNG, and the
+//! rules (lifecycle, billing, capacity). Time moves only through the injected clock; every
+//! request first brings the world up to `clock.now()` ([`World::advance`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::sshd::{self, SshdProcess};
+use super::{EmulatorConfig, EmulatorError, Faults, GpuSpec};
+use crate::clock::Clock;
+use crate::model::{PodState, Timestamp};
+
+/// An error answer: status, title, detail (rendered as problem+json).
+#[derive(Debug, Clone)]
+pub(super) struct Problem {
+    pub(super) status: u16,
+    pub(super) title: &'static str,
+    pub(super) detail: String,
+}
+
+impl Problem {
+    pub(super) fn new(status: u16, title: &'static str, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            title,
+            detail: detail.into(),
+        }
+    }
+    fn not_found(id: &str) -> Self {
+        Problem::new(404, "Not Found", format!("pod {id} not found"))
+    }
+}
+
+/// The capacity message RunPod uses.
+pub(super) const NO_CAPACITY: &str = "There are no longer any instances available with the requested specifications. Please refresh and try again.";
+/// The resume-refused message RunPod uses.
+pub(super) const HOST_FULL: &str =
+    "There are not enough free GPUs on the host machine to start this pod.";
+/// Data centers the emulator knows; an unknown id rejects the whole create.
+pub(super) const DATA_CENTERS: [&str; 4] = ["US-KS-2", "US-TX-3", "EU-RO-1", "CA-MTL-1"];
+
+/// A pod record.
+#[derive(Debug)]
+struct PodRecord {
+    id: String,
+    name: String,
+    image: String,
+    gpu_type: String,
+    gpu_count: u32,
+    cloud: String,
+    env: BTreeMap<String, String>,
+    ports: Vec<String>,
+    disk: u32,
+    data_center_id: String,
+    start_ssh: bool,
+    /// Spot bid per GPU-hour; `None` = on-demand.
+    bid: Option<f64>,
+    /// Price per GPU-hour while running.
+    price: f64,
+    status: PodState,
+    created_at: Timestamp,
+    /// When the current boot began (creation or last start).
+    boot_at: Timestamp,
+    started_at: Option<Timestamp>,
+    terminated_at: Option<Timestamp>,
+    accrued: f64,
+    last_accrual: Timestamp,
+    never_ready: bool,
+    keys: Vec<String>,
+    sshd: Option<SshdProcess>,
+}
+
+impl PodRecord {
+    fn billing(&self) -> bool {
+        matches!(
+            self.status,
+            PodState::Provisioning | PodState::Starting | PodState::Running
+        )
+    }
+    fn rate(&self) -> f64 {
+        if self.billing() {
+            self.price * f64::from(self.gpu_count)
+        } else {
+            0.0
+        }
+    }
+    fn holds_gpus(&self) -> bool {
+        self.billing()
+    }
+}
+
+/// A pod as the admin endpoint reports it (terminated ones too).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminPod {
+    /// Pod id.
+    pub id: String,
+    /// Pod name.
+    pub name: String,
+    /// Current status.
+    pub status: String,
+    /// GPU type.
+    pub gpu_type: String,
+    /// GPUs.
+    pub gpu_count: u32,
+    /// Spot bid, when a spot pod.
+    pub bid_per_gpu: Option<f64>,
+    /// USD accrued so far.
+    pub cost_accrued: f64,
+    /// USD per hour now.
+    pub usd_per_hour: f64,
+    /// PID of its sshd, when running one.
+    pub sshd_pid: Option<u32>,
+    /// Port of its sshd, when running one.
+    pub ssh_port: Option<u16>,
+}
+
+/// Everything the emulator knows.
+pub(super) struct World {
+    pub(super) faults: Faults,
+    config: EmulatorConfig,
+    clock: Arc<dyn Clock>,
+    rng: StdRng,
+    pods: BTreeMap<String, PodRecord>,
+    /// Pod ids in creation order (listing order).
+    order: Vec<String>,
+    stock: BTreeMap<String, u32>,
+    ssh_keys: Vec<String>,
+    work_dir: PathBuf,
+    host_key: Option<(PathBuf, String)>,
+    started: Timestamp,
+}
+
+impl World {
+    pub(super) fn new(
+        config: EmulatorConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<World, EmulatorError> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let work_dir =
+            std::env::temp_dir().join(format!("rpa-emulator-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&work_dir)?;
+        let host_key = if config.sshd {
+            let path = work_dir.join("ssh_host_ed25519_key");
+            let public = sshd::generate_key(&path, "runpod-emulator-host").map_err(|e| {
+                EmulatorError::Config(format!(
+                    "generating the pods' sshd host key with ssh-keygen failed ({e}); \
+                     install openssh-server (scripts/test.sh does) or set sshd = false"
+                ))
+            })?;
+            Some((path, public))
+        } else {
+            None
+        };
+        let stock = config
+            .gpus
+            .iter()
+            .map(|g| (g.id.clone(), g.stock))
+            .collect();
+        let now = clock.now();
+        Ok(World {
+            faults: config.faults.clone(),
+            rng: StdRng::seed_from_u64(config.seed),
+            clock,
+            pods: BTreeMap::new(),
+            order: Vec::new(),
+            stock,
+            ssh_keys: Vec::new(),
+            work_dir,
+            host_key,
+            started: now,
+            config,
+        })
+    }
+
+    pub(super) fn host_public_key(&self) -> Option<String> {
+        self.host_key.as_ref().map(|(_, k)| k.clone())
+    }
+
+    /// True when the key is accepted.
+    pub(super) fn authorized(&self, key: &str) -> bool {
+        !key.is_empty() && self.config.api_keys.iter().any(|k| k.expose() == key)
+    }
+
+    /// Draws the request-level faults: `Some(429 retry-after secs)` or `Some(500)`.
+    pub(super) fn draw_fault(&mut self) -> Option<RequestFault> {
+        let ra = self.faults.retry_after_secs;
+        if self.faults.rate_limit_next > 0 {
+            self.faults.rate_limit_next -= 1;
+            return Some(RequestFault::RateLimited(ra));
+        }
+        if self.faults.server_error_next > 0 {
+            self.faults.server_error_next -= 1;
+            return Some(RequestFault::ServerError);
+        }
+        let (rl, se) = (self.faults.rate_limit_rate, self.faults.server_error_rate);
+        if rl > 0.0 && self.rng.random_range(0.0..1.0) < rl {
+            return Some(RequestFault::RateLimited(ra));
+        }
+        if se > 0.0 && self.rng.random_range(0.0..1.0) < se {
+            return Some(RequestFault::ServerError);
+        }
+        None
+    }
+
+    /// Brings every pod up to now: accrues cost, moves boots along, preempts spot pods.
+    pub(super) fn advance(&mut self) {
+        let now = self.clock.now();
+        let boot = self.config.boot_delay;
+        let preempt_after = self.faults.preempt_spot_after;
+        let mut to_start = Vec::new();
+        let mut to_preempt = Vec::new();
+        for pod in self.pods.values_mut() {
+            let elapsed = now.saturating_since(pod.last_accrual);
+            pod.accrued += pod.rate() * elapsed.as_secs_f64() / 3600.0;
+            pod.last_accrual = now;
+            let since_boot = now.saturating_since(pod.boot_at);
+            match pod.status {
+                PodState::Provisioning | PodState::Starting if since_boot >= boot => {
+                    to_start.push(pod.id.clone())
+                }
+                PodState::Provisioning if since_boot >= boot / 2 => pod.status = PodState::Starting,
+                PodState::Running => {
+                    // An sshd that died (lost its port to another process) is restarted on
+                    // a new port, as a pod's container would be.
+                    if pod.sshd.as_mut().is_some_and(|s| s.exited()) {
+                        pod.sshd = None;
+                        to_start.push(pod.id.clone());
+                    }
+                    if let (Some(after), Some(_), Some(started)) =
+                        (preempt_after, pod.bid, pod.started_at)
+                    {
+                        if now.saturating_since(started) >= after {
+                            to_preempt.push(pod.id.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for id in to_start {
+            self.make_running(&id, now);
+        }
+        to_preempt.dedup();
+        for id in to_preempt {
+            self.preempt(&id);
+        }
+    }
+
+    fn make_running(&mut self, id: &str, now: Timestamp) {
+        let sshd_on = self.config.sshd;
+        let binary = self.config.sshd_binary.clone();
+        let work_dir = self.work_dir.clone();
+        let host_key = self.host_key.as_ref().map(|(p, _)| p.clone());
+        let Some(pod) = self.pods.get_mut(id) else {
+            return;
+        };
+        if pod.status != PodState::Running {
+            pod.status = PodState::Running;
+            pod.started_at = Some(now);
+        }
+        if sshd_on && !pod.never_ready && pod.start_ssh {
+            if let Some(host_key) = host_key {
+                match SshdProcess::spawn(&binary, &work_dir, id, &host_key, &pod.keys) {
+                    Ok(p) => pod.sshd = Some(p),
+                    Err(e) => tracing::warn!(pod = id, error = %e, "emulator: sshd did not start"),
+                }
+            }
+        }
+    }
+
+    /// RUNNING → EXITED with the sshd killed and the GPUs released. False when not running.
+    pub(super) fn preempt(&mut self, id: &str) -> bool {
+        self.advance_accrual_only();
+        let Some(pod) = self.pods.get_mut(id) else {
+            return false;
+        };
+        if pod.status != PodState::Running {
+            return false;
+        }
+        Self::stop_pod(pod, &mut self.stock);
+        true
+    }
+
+    fn advance_accrual_only(&mut self) {
+        let now = self.clock.now();
+        for pod in self.pods.values_mut() {
+            let elapsed = now.saturating_since(pod.last_accrual);
+            pod.accrued += pod.rate() * elapsed.as_secs_f64() / 3600.0;
+            pod.last_accrual = now;
+        }
+    }
+
+    fn stop_pod(pod: &mut PodRecord, stock: &mut BTreeMap<String, u32>) {
+        if pod.holds_gpus() {
+            *stock.entry(pod.gpu_type.clone()).or_insert(0) += pod.gpu_count;
+        }
+        if let Some(mut s) = pod.sshd.take() {
+            s.kill();
+        }
+        pod.status = PodState::Exited;
+        pod.started_at = None;
+    }
+
+    fn new_id(&mut self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        loop {
+            let id: String = (0..14)
+                .map(|_| ALPHABET[self.rng.random_range(0..ALPHABET.len())] as char)
+                .collect();
+            if !self.pods.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn gpu(&self, id: &str) -> Option<&GpuSpec> {
+        self.config.gpus.iter().find(|g| g.id == id)
+    }
+
+    /// Creates a pod after every check; `bid` makes it a spot pod.
+    pub(super) fn create(&mut self, req: CreateRequest) -> Result<String, Problem> {
+        let Some(gpu) = self.gpu(&req.gpu_type).cloned() else {
+            return Err(Problem::new(
+                400,
+                "Bad Request",
+                format!("unknown GPU type id {:?}", req.gpu_type),
+            ));
+        };
+        if req.gpu_count == 0 {
+            return Err(Problem::new(
+                422,
+                "Unprocessable Entity",
+                "gpu.count must be at least 1",
+            ));
+        }
+        if let Some(dc) = req
+            .data_center_ids
+            .iter()
+            .find(|d| !DATA_CENTERS.contains(&d.as_str()))
+        {
+            return Err(Problem::new(
+                400,
+                "Bad Request",
+                format!("unknown data center id {dc:?}"),
+            ));
+        }
+        let price = match (req.bid, req.cloud.as_str()) {
+            (None, "COMMUNITY") => gpu.community_price,
+            (None, _) => gpu.secure_price,
+            (Some(bid), cloud) => {
+                let floor = if cloud == "COMMUNITY" {
+                    gpu.community_spot_price
+                } else {
+                    gpu.secure_spot_price
+                };
+                let Some(floor) = floor else {
+                    return Err(Problem::new(
+                        400,
+                        "Bad Request",
+                        format!("{} has no spot offer", gpu.id),
+                    ));
+                };
+                if !(bid.is_finite() && bid + 1e-9 >= floor) {
+                    return Err(Problem::new(
+                        400,
+                        "Bad Request",
+                        format!("bid {bid} is below the minimum bid {floor}"),
+                    ));
+                }
+                bid
+            }
+        };
+        let free = self.stock.get(&gpu.id).copied().unwrap_or(0);
+        if self.faults.capacity_exhausted.contains(&gpu.id) || free < req.gpu_count {
+            return Err(Problem::new(400, "Bad Request", NO_CAPACITY));
+        }
+        self.stock.insert(gpu.id.clone(), free - req.gpu_count);
+        let id = self.new_id();
+        let now = self.clock.now();
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(k) = req.env.get("PUBLIC_KEY") {
+            keys.extend(
+                k.lines()
+                    .map(str::to_owned)
+                    .filter(|l| !l.trim().is_empty()),
+            );
+        }
+        keys.extend(self.ssh_keys.iter().cloned());
+        let pod = PodRecord {
+            id: id.clone(),
+            name: req.name,
+            image: req.image,
+            gpu_type: gpu.id.clone(),
+            gpu_count: req.gpu_count,
+            cloud: req.cloud,
+            env: req.env,
+            ports: req.ports,
+            disk: req.disk,
+            data_center_id: req
+                .data_center_ids
+                .first()
+                .cloned()
+                .unwrap_or_else(|| DATA_CENTERS[0].to_owned()),
+            start_ssh: req.start_ssh,
+            bid: req.bid,
+            price,
+            status: PodState::Provisioning,
+            created_at: now,
+            boot_at: now,
+            started_at: None,
+            terminated_at: None,
+            accrued: 0.0,
+            last_accrual: now,
+            never_ready: self.faults.never_ready,
+            keys,
+            sshd: None,
+        };
+        self.pods.insert(id.clone(), pod);
+        self.order.push(id.clone());
+        // A zero boot delay means RUNNING at once.
+        self.advance();
+        Ok(id)
+    }
+
+    /// Consumes one "500 after a successful create" fault, if armed.
+    pub(super) fn take_error_after_create(&mut self) -> bool {
+        if self.faults.error_after_create > 0 {
+            self.faults.error_after_create -= 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn live(&self, id: &str) -> Option<&PodRecord> {
+        self.pods
+            .get(id)
+            .filter(|p| p.status != PodState::Terminated)
+    }
+
+    pub(super) fn pod_json(&self, id: &str) -> Result<Value, Problem> {
+        self.live(id)
+            .map(|p| self.render(p))
+            .ok_or_else(|| Problem::not_found(id))
+    }
+
+    pub(super) fn list_json(&self) -> Value {
+        let pods: Vec<Value> = self
+            .order
+            .iter()
+            .filter_map(|id| self.live(id))
+            .map(|p| self.render(p))
+            .collect();
+        json!({ "pods": pods })
+    }
+
+    pub(super) fn terminate(&mut self, id: &str) -> Result<(), Problem> {
+        let now = self.clock.now();
+        let stock = &mut self.stock;
+        let Some(pod) = self
+            .pods
+            .get_mut(id)
+            .filter(|p| p.status != PodState::Terminated)
+        else {
+            return Err(Problem::not_found(id));
+        };
+        Self::stop_pod(pod, stock);
+        pod.status = PodState::Terminated;
+        pod.terminated_at = Some(now);
+        Ok(())
+    }
+
+    /// start / stop / restart (terminate is handled by the caller).
+    pub(super) fn action(&mut self, id: &str, action: &str) -> Result<Value, Problem> {
+        let now = self.clock.now();
+        let resume_refused = self.faults.resume_refused;
+        let never_ready = self.faults.never_ready;
+        let Some(status) = self.live(id).map(|p| p.status.clone()) else {
+            return Err(Problem::not_found(id));
+        };
+        if !actions(&status).contains(&action) {
+            return Err(Problem::new(
+                409,
+                "Conflict",
+                format!("action {action} is not valid for a pod in status {status}"),
+            ));
+        }
+        match action {
+            "stop" => {
+                let stock = &mut self.stock;
+                if let Some(pod) = self.pods.get_mut(id) {
+                    Self::stop_pod(pod, stock);
+                }
+            }
+            "start" => {
+                let (gpu, count) = {
+                    let p = &self.pods[id];
+                    (p.gpu_type.clone(), p.gpu_count)
+                };
+                let free = self.stock.get(&gpu).copied().unwrap_or(0);
+                if resume_refused || free < count {
+                    return Err(Problem::new(400, "Bad Request", HOST_FULL));
+                }
+                self.stock.insert(gpu, free - count);
+                if let Some(pod) = self.pods.get_mut(id) {
+                    pod.status = PodState::Provisioning;
+                    pod.boot_at = now;
+                    pod.never_ready = never_ready;
+                }
+                self.advance();
+            }
+            "restart" => {
+                if let Some(pod) = self.pods.get_mut(id) {
+                    if let Some(mut s) = pod.sshd.take() {
+                        s.kill();
+                    }
+                    pod.status = PodState::Starting;
+                    pod.boot_at = now.minus(self.config.boot_delay / 2);
+                    pod.started_at = None;
+                }
+                self.advance();
+            }
+            other => {
+                return Err(Problem::new(
+                    422,
+                    "Unprocessable Entity",
+                    format!("unknown action {other:?}"),
+                ))
+            }
+        }
+        self.pod_json(id)
+    }
+
+    pub(super) fn catalog_json(&self, availability: bool) -> Value {
+        let gpus: Vec<Value> = self
+            .config
+            .gpus
+            .iter()
+            .map(|g| {
+                let mut v = json!({
+                    "id": g.id, "name": g.name, "pool": null, "manufacturer": "NVIDIA",
+                    "memory": g.memory_gb, "secure": true, "community": true,
+                    "price": {"secure": g.secure_price, "community": g.community_price},
+                    "maxCount": {"secure": 8, "community": 8},
+                });
+                if availability {
+                    let level = self.level(&g.id);
+                    v["availability"] = json!(level);
+                    v["dataCenters"] = json!([{"id": DATA_CENTERS[0], "name": "US Kansas 2", "availability": level}]);
+                }
+                v
+            })
+            .collect();
+        json!({ "gpus": gpus })
+    }
+
+    fn free(&self, gpu: &str) -> u32 {
+        if self.faults.capacity_exhausted.iter().any(|g| g == gpu) {
+            0
+        } else {
+            self.stock.get(gpu).copied().unwrap_or(0)
+        }
+    }
+
+    /// Stock level: 0 → NONE, 1–2 LOW, 3–7 MEDIUM, 8+ HIGH (a full 8-GPU host).
+    fn level(&self, gpu: &str) -> &'static str {
+        match self.free(gpu) {
+            0 => "NONE",
+            1..=2 => "LOW",
+            3..=7 => "MEDIUM",
+            _ => "HIGH",
+        }
+    }
+
+    pub(super) fn gql_gpu_types(&self) -> Value {
+        let types: Vec<Value> = self
+            .config
+            .gpus
+            .iter()
+            .map(|g| {
+                let stock = match self.level(&g.id) {
+                    "NONE" => Value::Null,
+                    "LOW" => json!("Low"),
+                    "MEDIUM" => json!("Medium"),
+                    _ => json!("High"),
+                };
+                let min_bid = match (g.secure_spot_price, g.community_spot_price) {
+                    (Some(a), Some(b)) => json!(a.min(b)),
+                    (a, b) => json!(a.or(b)),
+                };
+                json!({
+                    "id": g.id, "displayName": g.name, "memoryInGb": g.memory_gb,
+                    "securePrice": g.secure_price, "communityPrice": g.community_price,
+                    "secureSpotPrice": g.secure_spot_price, "communitySpotPrice": g.community_spot_price,
+                    "lowestPrice": {"minimumBidPrice": min_bid,
+                        "uninterruptablePrice": g.community_price.min(g.secure_price),
+                        "stockStatus": stock},
+                })
+            })
+            .collect();
+        json!({ "gpuTypes": types })
+    }
+
+    pub(super) fn billing_json(&self, pod_filter: Option<&str>, bucket: &str) -> Value {
+        let start = fmt_time(self.started);
+        let end = fmt_time(self.clock.now());
+        let records: Vec<Value> = self
+            .order
+            .iter()
+            .filter(|id| pod_filter.is_none_or(|f| f == id.as_str()))
+            .filter_map(|id| self.pods.get(id))
+            .map(|p| {
+                json!({"startTime": start, "endTime": end, "podId": p.id,
+                       "totalAmount": p.accrued, "gpuAmount": p.accrued,
+                       "cpuAmount": 0.0, "diskAmount": 0.0})
+            })
+            .collect();
+        let total: f64 = records
+            .iter()
+            .filter_map(|r| r["totalAmount"].as_f64())
+            .sum();
+        let count = records.len();
+        json!({
+            "records": records,
+            "metadata": {
+                "query": {"startTime": start, "endTime": end, "bucketSize": bucket, "podId": pod_filter},
+                "recordCount": count, "uniquePodCount": count,
+                "totals": {"totalAmount": total, "gpuAmount": total, "cpuAmount": 0.0, "diskAmount": 0.0},
+            }
+        })
+    }
+
+    pub(super) fn ssh_keys_json(&self) -> Value {
+        json!({ "keys": self.ssh_keys })
+    }
+
+    pub(super) fn set_ssh_keys(&mut self, keys: Vec<String>) {
+        self.ssh_keys = keys;
+    }
+
+    pub(super) fn admin_pods(&self) -> Vec<AdminPod> {
+        self.order
+            .iter()
+            .filter_map(|id| self.pods.get(id))
+            .map(|p| AdminPod {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                status: p.status.to_string(),
+                gpu_type: p.gpu_type.clone(),
+                gpu_count: p.gpu_count,
+                bid_per_gpu: p.bid,
+                cost_accrued: p.accrued,
+                usd_per_hour: p.rate(),
+                sshd_pid: p.sshd.as_ref().map(|s| s.pid()),
+                ssh_port: p.sshd.as_ref().map(|s| s.port),
+            })
+            .collect()
+    }
+
+    /// Kills every sshd (shutdown).
+    pub(super) fn kill_all(&mut self) {
+        for pod in self.pods.values_mut() {
+            if let Some(mut s) = pod.sshd.take() {
+                s.kill();
+            }
+        }
+    }
+
+    fn render(&self, p: &PodRecord) -> Value {
+        let now = self.clock.now();
+        let running = p.status == PodState::Running;
+        let (direct, runtime) = match (&p.sshd, running) {
+            (Some(s), true) => (
+                json!({"host": "127.0.0.1", "port": s.port, "username": "root",
+                       "command": format!("ssh root@127.0.0.1 -p {}", s.port)}),
+                json!({
+                    "uptime": p.started_at.map(|t| now.saturating_since(t).as_secs()).unwrap_or(0),
+                    "gpus": (0..p.gpu_count).map(|_| json!({"util": 0, "memoryUtil": 0})).collect::<Vec<_>>(),
+                    "ports": [{"private": 22, "public": s.port, "type": "tcp", "ip": "127.0.0.1"}],
+                }),
+            ),
+            // sshd disabled by config (benchmarks): RUNNING with a runtime but no SSH mapping.
+            (None, true) if !self.config.sshd && !p.never_ready => (
+                Value::Null,
+                json!({"uptime": p.started_at.map(|t| now.saturating_since(t).as_secs()).unwrap_or(0),
+                       "gpus": [], "ports": []}),
+            ),
+            _ => (Value::Null, Value::Null),
+        };
+        json!({
+            "id": p.id, "name": p.name, "image": p.image, "args": "", "disk": p.disk,
+            "ports": p.ports, "env": p.env, "registry": null, "status": p.status.as_str(),
+            "actions": actions(&p.status), "mounts": {},
+            "gpu": {"id": p.gpu_type, "count": p.gpu_count},
+            "cloud": p.cloud, "dataCenterId": p.data_center_id, "cudaVersion": "12.8",
+            "ssh": {"proxy": null, "direct": direct},
+            "template": null, "cost": p.rate(), "locked": false,
+            "globalNetworking": {"enabled": false},
+            "runtime": runtime,
+            "createdAt": fmt_time(p.created_at),
+            "startedAt": p.started_at.map(fmt_time),
+        })
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// A request-level fault drawn for one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum RequestFault {
+    /// 429 with this Retry-After (seconds).
+    RateLimited(u64),
+    /// 500.
+    ServerError,
+}
+
+/// A validated create (REST or spot).
+#[derive(Debug)]
+pub(super) struct CreateRequest {
+    pub(super) name: String,
+    pub(super) image: String,
+    pub(super) gpu_type: String,
+    pub(super) gpu_count: u32,
+    pub(super) cloud: String,
+    pub(super) env: BTreeMap<String, String>,
+    pub(super) ports: Vec<String>,
+    pub(super) disk: u32,
+    pub(super) data_center_ids: Vec<String>,
+    pub(super) start_ssh: bool,
+    pub(super) bid: Option<f64>,
+}
+
+/// Actions valid in a status (the spec's table).
+fn actions(status: &PodState) -> Vec<&'static str> {
+    match status {
+        PodState::Running => vec!["stop", "restart", "terminate"],
+        PodState::Exited | PodState::Error => vec!["start", "terminate"],
+        PodState::Provisioning | PodState::Starting => vec!["stop", "terminate"],
+        _ => vec![],
+    }
+}
+
+fn fmt_time(t: Timestamp) -> String {
+    humantime::format_rfc3339_seconds(t.to_system()).to_string()
+}

@@ -1,0 +1,310 @@
+//! SSH to pods (russh; the only module that uses it): connect with a timeout, verify the host
+//! key by a [`HostKeyPolicy`], authenticate with a private key, run one command and return its
+//! exit status and output. Knows nothing about RunPod: callers pass the endpoint the provider
+//! reported. The reconciler's bootstrap/join/health steps build on [`exec`].
+//!
+//! Host key policy: RunPod does not publish pod host keys, so production uses
+//! **trust on first use** per `host:port` ([`HostKeyPolicy::TrustOnFirstUse`]; a later change is
+//! refused as a possible man in the middle). When the key is known ahead (the emulator reports
+//! its host key at `/admin/host-key`), [`HostKeyPolicy::Pinned`] accepts only that key.
+//! Private keys are held in [`SshKey`], whose Debug output is redacted.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::ChannelMsg;
+use tokio::time::Instant;
+
+use crate::config::Secret;
+
+/// An SSH failure.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JoinError {
+    /// TCP connect or the SSH handshake failed (sshd not up yet, refused, reset).
+    #[error("cannot connect to {addr}: {detail}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The whole operation took longer than its timeout.
+    #[error("SSH to {addr} timed out after {after:?}")]
+    Timeout {
+        /// `host:port`.
+        addr: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The server presented a host key the policy refuses.
+    #[error("host key of {addr} is not the expected one (possible man in the middle)")]
+    HostKeyMismatch {
+        /// `host:port`.
+        addr: String,
+    },
+    /// The server refused our key.
+    #[error("public key authentication as {user} was rejected")]
+    AuthRejected {
+        /// Login user.
+        user: String,
+    },
+    /// The private key could not be parsed.
+    #[error("invalid SSH private key: {0}")]
+    Key(String),
+    /// A protocol error after login.
+    #[error("SSH session error: {0}")]
+    Session(String),
+}
+
+impl JoinError {
+    /// Connect failures and timeouts may pass (sshd still starting); the rest will not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JoinError::Connect { .. } | JoinError::Timeout { .. })
+    }
+}
+
+/// A private key for public-key authentication. Never printed.
+#[derive(Clone)]
+pub struct SshKey(Arc<PrivateKey>);
+
+impl SshKey {
+    /// Parses an OpenSSH private key (unencrypted).
+    pub fn from_openssh(pem: &Secret) -> Result<SshKey, JoinError> {
+        russh::keys::decode_secret_key(pem.expose(), None)
+            .map(|k| SshKey(Arc::new(k)))
+            // The parser's message never contains key material.
+            .map_err(|e| JoinError::Key(e.to_string()))
+    }
+
+    /// Reads an OpenSSH private key file.
+    pub fn load(path: &std::path::Path) -> Result<SshKey, JoinError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| JoinError::Key(format!("reading {}: {e}", path.display())))?;
+        Self::from_openssh(&Secret::new(text))
+    }
+}
+
+impl fmt::Debug for SshKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SshKey([redacted])")
+    }
+}
+
+/// Remembered host keys for trust on first use, keyed by `host:port`. Clones share the store.
+#[derive(Debug, Clone, Default)]
+pub struct KnownHosts(Arc<Mutex<HashMap<String, String>>>);
+
+impl KnownHosts {
+    /// The remembered key of `addr`, when any.
+    pub fn get(&self, addr: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+            .cloned()
+    }
+
+    /// Forgets `addr` (e.g. the pod was terminated and the port may be reused).
+    pub fn forget(&self, addr: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+    }
+}
+
+/// How a server's host key is checked.
+#[derive(Debug, Clone)]
+pub enum HostKeyPolicy {
+    /// Accept only these keys (OpenSSH public key lines; the comment is ignored).
+    Pinned(Vec<String>),
+    /// Accept and remember the first key seen per `host:port`; refuse a different one later.
+    TrustOnFirstUse(KnownHosts),
+}
+
+/// Where to log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// Host or IP.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User.
+    pub user: String,
+}
+
+impl SshTarget {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit status (`None` when the server sent none, e.g. killed by a signal).
+    pub exit_status: Option<u32>,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+}
+
+/// The key type and base64 data of an OpenSSH public key line.
+fn key_id(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Verifier {
+    policy: HostKeyPolicy,
+    addr: String,
+    mismatch: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl russh::client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            self.mismatch
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Ok(false);
+        };
+        let seen = key.to_openssh().map(|s| key_id(&s)).unwrap_or_default();
+        let ok = match &self.policy {
+            HostKeyPolicy::Pinned(keys) => keys.iter().any(|k| key_id(k) == seen),
+            HostKeyPolicy::TrustOnFirstUse(known) => {
+                let mut map = known.0.lock().unwrap_or_else(|p| p.into_inner());
+                map.entry(self.addr.clone()).or_insert_with(|| seen.clone()) == &seen
+            }
+        };
+        if !ok {
+            self.mismatch
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(ok)
+    }
+}
+
+/// Logs in to `target` with `key`, runs `command`, and returns its status and output, all
+/// within `timeout`.
+pub async fn exec(
+    target: &SshTarget,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    command: &str,
+    timeout: Duration,
+) -> Result<ExecOutput, JoinError> {
+    let addr = target.addr();
+    let span = tracing::info_span!("ssh.exec", addr = %addr, user = %target.user);
+    let fut = tokio::time::timeout(timeout, exec_inner(target, key, policy, command));
+    match tracing::Instrument::instrument(fut, span).await {
+        Ok(r) => r,
+        Err(_) => Err(JoinError::Timeout {
+            addr,
+            after: timeout,
+        }),
+    }
+}
+
+async fn exec_inner(
+    target: &SshTarget,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    command: &str,
+) -> Result<ExecOutput, JoinError> {
+    let addr = target.addr();
+    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handler = Verifier {
+        policy: policy.clone(),
+        addr: addr.clone(),
+        mismatch: mismatch.clone(),
+    };
+    let config = Arc::new(russh::client::Config {
+        // A join command is short; an idle session this long is a hung server.
+        inactivity_timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    });
+    let mut session =
+        match russh::client::connect(config, (target.host.as_str(), target.port), handler).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(if mismatch.load(std::sync::atomic::Ordering::SeqCst) {
+                    JoinError::HostKeyMismatch { addr }
+                } else {
+                    JoinError::Connect {
+                        addr,
+                        detail: e.to_string(),
+                    }
+                })
+            }
+        };
+    let auth = session
+        .authenticate_publickey(
+            target.user.clone(),
+            PrivateKeyWithHashAlg::new(key.0.clone(), None),
+        )
+        .await
+        .map_err(|e| JoinError::Session(e.to_string()))?;
+    if !auth.success() {
+        return Err(JoinError::AuthRejected {
+            user: target.user.clone(),
+        });
+    }
+    let mut channel = session
+        .channel_open_session()
+        .await
+        .map_err(|e| JoinError::Session(e.to_string()))?;
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|e| JoinError::Session(e.to_string()))?;
+    let mut out = ExecOutput {
+        exit_status: None,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, .. } => out.stderr.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+            _ => {}
+        }
+    }
+    let _ = session
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+    tracing::debug!(addr = %addr, status = ?out.exit_status, "ssh exec done");
+    Ok(out)
+}
+
+/// Like [`exec`], but retries connect failures (sshd still starting) until `deadline`,
+/// polling every `poll`.
+pub async fn exec_when_up(
+    target: &SshTarget,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    command: &str,
+    per_try: Duration,
+    poll: Duration,
+    deadline: Instant,
+) -> Result<ExecOutput, JoinError> {
+    loop {
+        match exec(target, key, policy, command, per_try).await {
+            Err(e) if e.is_retryable() && Instant::now() + poll < deadline => {
+                tokio::time::sleep(poll).await;
+            }
+            other => return other,
+        }
+    }
+}
