@@ -116,6 +116,30 @@ log "stopping the service (SIGTERM): the tick finishes, streams end OK, exit 0"
 kill -TERM "$SERVICE"
 wait "$SERVICE"
 
+log "RunPod side: the API emulator (v2 REST + GraphQL subset), read by the real client"
+mkfifo "$WORK/emu"
+"$BIN" emulator --listen 127.0.0.1:0 --api-key demo-key >"$WORK/emu" 2>"$WORK/emulator.log" &
+PIDS+=($!)
+exec 4<"$WORK/emu"
+read -r -t 30 EMU_LINE <&4 || { cat "$WORK/emulator.log" >&2; exit 1; }
+RUNPOD_API_URL=$(printf '%s' "$EMU_LINE" | python3 -c 'import json,sys; print(json.load(sys.stdin)["api_url"])')
+RUNPOD_GRAPHQL_URL=$(printf '%s' "$EMU_LINE" | python3 -c 'import json,sys; print(json.load(sys.stdin)["graphql_url"])')
+export RUNPOD_API_URL RUNPOD_GRAPHQL_URL RUNPOD_API_KEY=demo-key
+"$BIN" gpus
+# Two pods created straight through the API: one carries our owner marker, one does not.
+create_pod() {
+  curl -fsS -X POST "$RUNPOD_API_URL/v2/pods" -H "Authorization: Bearer demo-key" \
+    -H 'Content-Type: application/json' \
+    -d "{\"name\":\"$1\",\"image\":\"gpu-worker:1\",\"gpu\":{\"id\":\"NVIDIA RTX A5000\",\"count\":1},\"ports\":[\"22/tcp\"],\"env\":{\"RPA_OWNER\":\"$2\"}}" >/dev/null
+}
+create_pod rpa-demo-0 runpod-autoscaler
+create_pod someone-elses-pod other-team
+log "pods list shows only the pods this autoscaler owns"
+"$BIN" pods list
+"$BIN" pods terminate --all-owned --yes
+log "a rejected key fails fast with a clear message"
+RUNPOD_API_KEY=not-the-key "$BIN" gpus || true
+
 log "policies side by side on the shipped traces"
 "$BIN" simulate --policy all \
   --trace benches/traces/steady_diurnal.csv \
