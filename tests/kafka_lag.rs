@@ -5,13 +5,13 @@
 
 mod support;
 
-use std::sync::Arc;
+use support::service::{loopback_parts, wait_for_snapshot};
+
 use std::time::Duration;
 
-use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
-use runpod_autoscaler::service::{self, ServiceParts};
+use runpod_autoscaler::service;
 use runpod_autoscaler::signals::kafka::{
     KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy,
 };
@@ -235,40 +235,16 @@ poll_interval = "200ms"
     let sources = service::sources_from_config(&config).unwrap();
     assert_eq!(sources[0].poll_interval(), Some(Duration::from_millis(200)));
     let shutdown = CancellationToken::new();
-    let running = service::start(
-        ServiceParts {
-            grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            tls: None,
-            sources,
-            poll_interval: config.signals.poll_interval,
-            tick_interval: Duration::from_millis(100),
-            baseline_gpus: 0,
-            policy: config.planner_policy(),
-            clock: Arc::new(SystemClock),
-        },
-        shutdown.clone(),
-    )
-    .unwrap();
+    let running = service::start(loopback_parts(&config, sources).await, shutdown.clone()).unwrap();
     let snapshots = running.snapshots.clone();
-    let wait = |what: &'static str, pred: fn(&runpod_autoscaler::snapshot::Snapshot) -> bool| {
-        let mut rx = snapshots.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                rx.wait_for(|s| s.as_ref().is_some_and(|s| pred(s))),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .map(|_| ())
-            .unwrap()
-        }
-    };
     // 700 lag at 100 per GPU → 7 GPUs.
-    wait("lag 700 read and planned", |s| s.plan.desired_gpus == 7).await;
+    wait_for_snapshot(&snapshots, "lag 700 read and planned", |s| {
+        s.plan.desired_gpus == 7
+    })
+    .await;
 
     tansu.guard.stop();
-    wait("a stale-signal hold", |s| {
+    wait_for_snapshot(&snapshots, "a stale-signal hold", |s| {
         s.plan.holds.iter().any(|h| {
             matches!(
                 h,

@@ -4,14 +4,14 @@
 
 mod support;
 
+use support::service::{loopback_parts, wait_for_snapshot};
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::{Config, Secret};
 use runpod_autoscaler::decide::Hold;
-use runpod_autoscaler::service::{self, ServiceParts};
+use runpod_autoscaler::service;
 use runpod_autoscaler::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
 use runpod_autoscaler::signals::{PrometheusSource, SignalError, SignalKind};
 use support::{eventually, Exporter, Prometheus};
@@ -138,35 +138,12 @@ timeout = "1s"
     let config = Config::from_toml(&text).unwrap();
     let shutdown = CancellationToken::new();
     let running = service::start(
-        ServiceParts {
-            grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            tls: None,
-            sources: service::sources_from_config(&config).unwrap(),
-            poll_interval: config.signals.poll_interval,
-            tick_interval: Duration::from_millis(100),
-            baseline_gpus: 0,
-            policy: config.planner_policy(),
-            clock: Arc::new(SystemClock),
-        },
+        loopback_parts(&config, service::sources_from_config(&config).unwrap()).await,
         shutdown.clone(),
     )
     .unwrap();
     let snapshots = running.snapshots.clone();
-    let wait = |what: &'static str, pred: fn(&runpod_autoscaler::snapshot::Snapshot) -> bool| {
-        let mut rx = snapshots.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                rx.wait_for(|s| s.as_ref().is_some_and(|s| pred(s))),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .map(|_| ())
-            .unwrap()
-        }
-    };
-    wait("a fresh p95", |s| {
+    wait_for_snapshot(&snapshots, "a fresh p95", |s| {
         s.signals.iter().any(|x| {
             x.signal == SignalKind::LatencyP95 && x.fresh && x.value.is_some_and(|v| v > 19.0)
         })
@@ -174,7 +151,7 @@ timeout = "1s"
     .await;
 
     prom.guard.stop();
-    wait("a stale latency hold", |s| {
+    wait_for_snapshot(&snapshots, "a stale latency hold", |s| {
         s.plan
             .holds
             .iter()

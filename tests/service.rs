@@ -6,51 +6,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
 use runpod_autoscaler::service::{self, ServiceParts};
-use runpod_autoscaler::signals::{SignalError, SignalKind, SignalSource, StaticSource};
 
-/// Minimal HTTP/1.1 GET; returns (status, body).
+mod support;
+use runpod_autoscaler::signals::{SignalError, SignalKind, SignalSource, StaticSource};
+use support::service::{loopback_parts, wait_for_snapshot};
+
+/// GET over loopback; (status, body).
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    support::http_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("no HTTP answer for {path}"))
 }
 
 fn static_config() -> Config {
     Config::from_toml(include_str!("../examples/static.toml")).unwrap()
 }
 
+/// Loopback parts with fast polls and ticks (50 ms) so conditions show quickly.
 async fn parts(sources: Vec<Arc<dyn SignalSource>>) -> ServiceParts {
-    let config = static_config();
-    ServiceParts {
-        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tls: None,
-        sources,
-        poll_interval: Duration::from_millis(50),
-        tick_interval: Duration::from_millis(50),
-        baseline_gpus: config.baseline.gpus,
-        policy: config.planner_policy(),
-        clock: Arc::new(SystemClock),
-    }
+    let mut parts = loopback_parts(&static_config(), sources).await;
+    parts.poll_interval = Duration::from_millis(50);
+    parts.tick_interval = Duration::from_millis(50);
+    parts
 }
 
 #[tokio::test]
@@ -137,24 +119,14 @@ async fn a_failing_source_goes_stale_and_the_planner_holds() {
     let shutdown = CancellationToken::new();
     let running = service::start(parts(sources).await, shutdown.clone()).unwrap();
     let snapshots = running.snapshots.clone();
-    let wait = |pred: fn(&runpod_autoscaler::snapshot::Snapshot) -> bool| {
-        let mut rx = snapshots.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                rx.wait_for(|s| s.as_ref().is_some_and(|s| pred(s))),
-            )
-            .await
-            .expect("condition within 10 s")
-            .map(|_| ())
-            .unwrap()
-        }
-    };
-    wait(|s| s.signals.iter().all(|x| x.fresh)).await;
+    wait_for_snapshot(&snapshots, "fresh signals", |s| {
+        s.signals.iter().all(|x| x.fresh)
+    })
+    .await;
 
     flaky.failing.store(true, Ordering::SeqCst);
     // Three poll intervals later the lag is stale: a hold, never zero demand.
-    wait(|s| {
+    wait_for_snapshot(&snapshots, "a stale queue-lag hold", |s| {
         s.plan.holds.iter().any(|h| {
             matches!(
                 h,
@@ -188,7 +160,10 @@ async fn a_failing_source_goes_stale_and_the_planner_holds() {
 
     // Recovery: the next good sample makes it fresh again.
     flaky.failing.store(false, Ordering::SeqCst);
-    wait(|s| s.signals.iter().all(|x| x.fresh && x.last_error.is_none())).await;
+    wait_for_snapshot(&snapshots, "recovered signals", |s| {
+        s.signals.iter().all(|x| x.fresh && x.last_error.is_none())
+    })
+    .await;
 
     shutdown.cancel();
     running.wait().await.unwrap();

@@ -4,6 +4,8 @@
 //! `RPA_TANSU_BIN` / `RPA_PROMETHEUS_BIN`, which `scripts/test.sh` installs and exports.
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
