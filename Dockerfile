@@ -9,8 +9,9 @@ COPY benches benches
 RUN cargo build --release --locked --bin runpod-autoscaler
 
 FROM debian:bookworm-slim
+# libssl3: librdkafka (built into the binary) links the system OpenSSL for Kafka TLS/SCRAM.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates=20230311* \
+ && apt-get install -y --no-install-recommends ca-certificates=20230311* libssl3=3.0.* \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/runpod-autoscaler /usr/local/bin/runpod-autoscaler
 # Unprivileged, numeric (works with runAsNonRoot).

@@ -8,6 +8,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 ensure_rust
+ensure_build_deps
 ensure_tansu
 ensure_prometheus
 

@@ -15,6 +15,16 @@ ensure_rust() {
   command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust with rustup" >&2; exit 1; }
 }
 
+# ensure_build_deps: what the build links against beyond the Rust toolchain: OpenSSL's headers
+# and pkg-config (librdkafka is built with TLS/SCRAM support against the system OpenSSL).
+ensure_build_deps() {
+  if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; then
+    return
+  fi
+  log "installing libssl-dev and pkg-config (apt-get)"
+  apt_install libssl-dev pkg-config
+}
+
 # ensure_venv: a project-local Python venv with tests/python/requirements.txt installed.
 ensure_venv() {
   local req="$ROOT/tests/python/requirements.txt"

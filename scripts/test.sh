@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$ROOT"
 
 ensure_rust
+ensure_build_deps
 ensure_venv
 # Real components for the integration tests: a tansu broker and Prometheus (exports
 # RPA_TANSU_BIN and RPA_PROMETHEUS_BIN, which the tests require) and OpenSSH's sshd (the

@@ -1,7 +1,7 @@
 //! Consumer-group lag against a real tansu broker: 8 partitions, 1000 messages, a group that
 //! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap;
 //! persistent-lag exclusion across two polls; a stopped broker (typed error, stale sample,
-//! planner holds).
+//! planner holds); TLS to a broker behind a TLS front, trusted and untrusted.
 
 mod support;
 
@@ -300,4 +300,74 @@ poll_interval = "200ms"
 
     shutdown.cancel();
     running.wait().await.unwrap();
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (ca_pem, cert_pem, key_pem).
+fn tls_material() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct subject names: OpenSSL takes a leaf whose issuer equals its subject (rcgen's
+    // default name for both) for self-signed and rejects it.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kafka test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    // librdkafka verifies the broker's name ("127.0.0.1"): the IP must be in the SAN.
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tansu broker");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn lag_over_tls_with_a_trusted_ca_and_a_clear_error_without() {
+    let (ca, cert, key) = tls_material();
+    let tansu = Tansu::start_behind_tls(&cert, &key, &ca).await;
+    tansu.create_topic(TOPIC, 4).await;
+    tansu.produce(TOPIC, 4, 100);
+    tansu.commit("tls-group", TOPIC, &even_commits(4, 40));
+
+    let mut tls = settings(&tansu, "tls-group", options(|_| {}));
+    tls.security = KafkaSecurity {
+        protocol: Some("ssl".into()),
+        ssl_ca_file: tansu.tls_ca_file.clone(),
+        ..KafkaSecurity::default()
+    };
+    let source = KafkaLagSource::new(tls.clone()).unwrap();
+    let report = poll_until(&source, "lag 60 over TLS", 60).await;
+    assert_eq!(report.partitions.len(), 4);
+
+    // A CA that did not sign the broker's certificate: the handshake fails, typed and retryable
+    // (a poll error, so the sample goes stale), never a lag of zero.
+    let (other_ca, _, _) = tls_material();
+    let other_ca_file = tansu.guard.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca).unwrap();
+    let mut untrusted = tls.clone();
+    untrusted.security.ssl_ca_file = Some(other_ca_file);
+    untrusted.timeout = Duration::from_secs(2);
+    let err = KafkaLagSource::new(untrusted)
+        .unwrap()
+        .poll()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SignalError::Unreachable { .. } | SignalError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
+
+    // A plaintext client cannot read a TLS-only broker either.
+    let mut plain = tls;
+    plain.security = KafkaSecurity::default();
+    plain.timeout = Duration::from_secs(2);
+    assert!(KafkaLagSource::new(plain).unwrap().poll().await.is_err());
 }

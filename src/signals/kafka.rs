@@ -993,13 +993,23 @@ mod tests {
         };
         let source = KafkaLagSource::new(settings(plain)).unwrap();
         assert!(!format!("{source:?}").contains("hunter2"));
-        // TLS needs OpenSSL, which the default static build lacks: a clear configuration error.
-        let tls = KafkaSecurity {
-            protocol: Some("ssl".into()),
+        // TLS and SCRAM: librdkafka is built with OpenSSL (the `ssl` feature).
+        let scram = KafkaSecurity {
+            protocol: Some("sasl_ssl".into()),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("u".into()),
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let err = KafkaLagSource::new(settings(tls)).unwrap_err();
+        let source = KafkaLagSource::new(settings(scram)).unwrap();
+        assert!(!format!("{source:?}").contains("hunter2"));
+        // A value librdkafka does not know is a clear configuration error naming the property.
+        let bogus = KafkaSecurity {
+            protocol: Some("tls13".into()),
+            sasl_password: Some(Secret::new("hunter2")),
+            ..KafkaSecurity::default()
+        };
+        let err = KafkaLagSource::new(settings(bogus)).unwrap_err();
         assert!(matches!(err, SignalError::InvalidRequest { .. }), "{err:?}");
         assert!(err.to_string().contains("security.protocol"), "{err}");
         assert!(!err.to_string().contains("hunter2"));

@@ -97,42 +97,72 @@ impl Drop for Guard {
     }
 }
 
-/// A tansu broker with in-memory storage.
+/// A tansu broker with in-memory storage, optionally reachable only through TLS.
 pub struct Tansu {
-    /// `127.0.0.1:port`.
+    /// `127.0.0.1:port` clients bootstrap from (the TLS proxy when behind one).
     pub addr: SocketAddr,
     /// The process.
     pub guard: Guard,
+    /// CA file clients must trust when the broker is behind TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The TLS front, when there is one.
+    tls: Option<TlsProxy>,
 }
 
 impl Tansu {
     /// Starts a broker on a free port and waits until it accepts connections.
     pub async fn start() -> Tansu {
-        let bin = binary("RPA_TANSU_BIN");
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        Self::spawn(port, port).await
+    }
+
+    /// Starts a broker that clients reach only through TLS: tansu 0.6's own TLS listener does
+    /// not handshake, so a TLS-terminating proxy fronts it and tansu advertises the proxy's
+    /// port, which routes every client connection (bootstrap and per-broker) through TLS.
+    /// `cert_pem`/`key_pem` are the server's; `ca_pem` is written for clients to trust.
+    pub async fn start_behind_tls(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Tansu {
+        let plain_port = free_port();
+        let proxy = TlsProxy::start(([127, 0, 0, 1], plain_port).into(), cert_pem, key_pem).await;
+        let mut tansu = Self::spawn(plain_port, proxy.addr.port()).await;
+        let ca = tansu.guard.dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_pem).unwrap();
+        tansu.addr = proxy.addr;
+        tansu.tls_ca_file = Some(ca);
+        tansu.tls = Some(proxy);
+        tansu
+    }
+
+    async fn spawn(listen_port: u16, advertised_port: u16) -> Tansu {
+        let bin = binary("RPA_TANSU_BIN");
+        let listen = format!("tcp://127.0.0.1:{listen_port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised_port}");
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
         let child = Command::new(bin)
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &listen,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting tansu");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], listen_port).into();
         let guard = Guard {
             child: Some(child),
             dir,
         };
         wait_for_port(addr, "tansu to accept connections").await;
-        Tansu { addr, guard }
+        Tansu {
+            addr,
+            guard,
+            tls_ca_file: None,
+            tls: None,
+        }
     }
 
     /// The bootstrap-servers string.
@@ -140,12 +170,20 @@ impl Tansu {
         self.addr.to_string()
     }
 
+    /// A client configuration for this broker (TLS when it is behind TLS).
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.servers());
+        if let Some(ca) = &self.tls_ca_file {
+            c.set("security.protocol", "ssl")
+                .set("ssl.ca.location", ca.to_string_lossy());
+        }
+        c
+    }
+
     /// Creates `topic` with `partitions` partitions.
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.servers())
-            .create()
-            .unwrap();
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create().unwrap();
         let results = admin
             .create_topics(
                 &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -161,8 +199,8 @@ impl Tansu {
     /// Produces `count` messages round-robin over `partitions` partitions, one message per batch
     /// (tansu's latest offset is the last batch's base + 1, so watermarks are exact).
     pub fn produce(&self, topic: &str, partitions: i32, count: usize) {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.servers())
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .client_config()
             .set("batch.num.messages", "1")
             .set("linger.ms", "0")
             .create()
@@ -189,8 +227,8 @@ impl Tansu {
 
     /// Commits `offsets` (partition, next offset to read) for `group` on `topic`.
     pub fn commit(&self, group: &str, topic: &str, offsets: &[(i32, i64)]) {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.servers())
+        let consumer: BaseConsumer = self
+            .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", "6000")
@@ -348,4 +386,82 @@ pub fn latency_histogram(name: &str, count: u64) -> String {
         count * 15
     ));
     s
+}
+
+/// A TLS-terminating TCP proxy on a free 127.0.0.1 port, forwarding to `upstream` (tokio-rustls
+/// with the ring provider). It runs on its own thread and runtime, so a test thread blocked in
+/// a synchronous Kafka call (produce, commit) cannot starve it. Stops when dropped.
+pub struct TlsProxy {
+    /// Where clients connect with TLS.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TlsProxy {
+    /// Starts the proxy with the server certificate chain and key (PEM).
+    pub async fn start(upstream: SocketAddr, cert_pem: &str, key_pem: &str) -> TlsProxy {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let serve = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            return;
+                        };
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            // A failed handshake (wrong CA, plaintext client) closes the
+                            // connection.
+                            let Ok(mut tls) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        TlsProxy {
+            addr,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
