@@ -168,6 +168,22 @@ pub enum Hold {
     },
 }
 
+impl Hold {
+    /// A short stable name of the hold's kind (the `kind` of its JSON form), for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Hold::NotSynced => "not_synced",
+            Hold::StaleSignal { .. } => "stale_signal",
+            Hold::MaxPods { .. } => "max_pods",
+            Hold::Budget { .. } => "budget",
+            Hold::LaunchRate { .. } => "launch_rate",
+            Hold::Stabilizing { .. } => "stabilizing",
+            Hold::WaitingForIdle { .. } => "waiting_for_idle",
+            Hold::WarmingUp { .. } => "warming_up",
+        }
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(

@@ -498,3 +498,30 @@ proptest! {
         prop_assert_eq!(plan.desired_gpus, view.baseline_gpus + gpus);
     }
 }
+
+#[test]
+fn hold_kind_matches_its_json_tag() {
+    use crate::model::Usd;
+    let holds = [
+        Hold::NotSynced,
+        Hold::StaleSignal {
+            signal: "queue lag",
+            age: None,
+        },
+        Hold::MaxPods { max_pods: 1 },
+        Hold::Budget {
+            max_usd_per_hour: Usd(1.0),
+            current: Usd(1.0),
+        },
+        Hold::LaunchRate {
+            max_launches_per_tick: 1,
+        },
+        Hold::Stabilizing { window_pods: 1 },
+        Hold::WaitingForIdle { pods: 1 },
+        Hold::WarmingUp { pods: 1 },
+    ];
+    for hold in holds {
+        let json = serde_json::to_value(&hold).unwrap();
+        assert_eq!(json["kind"], hold.kind(), "{hold:?}");
+    }
+}

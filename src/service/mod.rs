@@ -347,11 +347,9 @@ impl Ticker {
         }
         m.holds.clear();
         for hold in &plan.holds {
-            let kind = serde_json::to_value(hold)
-                .ok()
-                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
-                .unwrap_or_default();
-            m.holds.get_or_create(&vec![("kind", kind)]).inc();
+            m.holds
+                .get_or_create(&vec![("kind", hold.kind().to_owned())])
+                .inc();
         }
         for s in status {
             if let Some(age) = s.age {
