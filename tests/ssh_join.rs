@@ -16,6 +16,35 @@ use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec};
 use tokio::time::Instant;
 
+/// Where to SSH for an endpoint the API reports.
+fn target_of(ep: &runpod_autoscaler::provider::SshEndpoint) -> SshTarget {
+    SshTarget {
+        host: ep.host.clone(),
+        port: ep.port,
+        user: ep.username.clone(),
+    }
+}
+
+/// Runs `cmd` once the pod's sshd answers (5 s per attempt, 50 ms between, SSH_DEADLINE in all).
+async fn login(
+    target: &SshTarget,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    cmd: &str,
+) -> join::ExecOutput {
+    join::exec_when_up(
+        target,
+        key,
+        policy,
+        cmd,
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        Instant::now() + SSH_DEADLINE,
+    )
+    .await
+    .unwrap()
+}
+
 const KEY: &str = "rpa_ssh_test_key";
 /// sshd is listening within milliseconds of spawn; 10 s only guards a broken machine.
 const SSH_DEADLINE: Duration = Duration::from_secs(10);
@@ -71,27 +100,12 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
     clock.advance(Duration::from_secs(2));
     let pod = client.get(&pod.id).await.unwrap().unwrap();
     assert!(pod.is_ready(), "{pod:?}");
-    let ep = pod.ssh.clone().unwrap();
-    let target = SshTarget {
-        host: ep.host.clone(),
-        port: ep.port,
-        user: ep.username.clone(),
-    };
+    let target = target_of(pod.ssh.as_ref().unwrap());
     let key = SshKey::load(&key_path).unwrap();
     assert_eq!(format!("{key:?}"), "SshKey([redacted])");
     let pinned = HostKeyPolicy::Pinned(vec![emu.host_public_key().unwrap()]);
 
-    let out = join::exec_when_up(
-        &target,
-        &key,
-        &pinned,
-        "echo ok",
-        Duration::from_secs(5),
-        Duration::from_millis(50),
-        Instant::now() + SSH_DEADLINE,
-    )
-    .await
-    .unwrap();
+    let out = login(&target, &key, &pinned, "echo ok").await;
     assert_eq!(out.exit_status, Some(0));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 
@@ -106,7 +120,9 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
     join::exec(&target, &key, &tofu, "true", Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(known.get(&format!("{}:{}", ep.host, ep.port)).is_some());
+    assert!(known
+        .get(&format!("{}:{}", target.host, target.port))
+        .is_some());
     join::exec(&target, &key, &tofu, "true", Duration::from_secs(5))
         .await
         .unwrap();
@@ -148,23 +164,8 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
         .unwrap();
     clock.advance(Duration::from_secs(2));
     let spot = client.get(&spot.id).await.unwrap().unwrap();
-    let spot_ep = spot.ssh.clone().expect("spot pod reachable");
-    let spot_target = SshTarget {
-        host: spot_ep.host,
-        port: spot_ep.port,
-        user: spot_ep.username,
-    };
-    let out = join::exec_when_up(
-        &spot_target,
-        &key,
-        &pinned,
-        "echo spot",
-        Duration::from_secs(5),
-        Duration::from_millis(50),
-        Instant::now() + SSH_DEADLINE,
-    )
-    .await
-    .unwrap();
+    let spot_target = target_of(spot.ssh.as_ref().expect("spot pod reachable"));
+    let out = login(&spot_target, &key, &pinned, "echo spot").await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "spot");
     let spot_pid = emu
         .admin_pods()
