@@ -6,8 +6,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use runpod_autoscaler::decide::{decide, ClusterView, PodTemplate, PodView, Policy, PolicyKind};
+use runpod_autoscaler::decide::{Sample, Series, Signals};
 use runpod_autoscaler::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
-use runpod_autoscaler::signals::{Sample, Series, Signals};
 
 const NOW: Timestamp = Timestamp::from_secs(2_000_000);
 
@@ -53,14 +53,8 @@ fn inputs(pods: usize, lag: f64) -> (ClusterView, Signals) {
     let mut latency = Series::new(Duration::from_secs(5), Duration::from_secs(310));
     for k in (0..62u64).rev() {
         let at = NOW.minus(Duration::from_secs(k * 5));
-        queue.push(Sample {
-            value: lag + (k % 5) as f64 * 10.0,
-            observed_at: at,
-        });
-        latency.push(Sample {
-            value: 12.0,
-            observed_at: at,
-        });
+        queue.push(Sample::at(lag + (k % 5) as f64 * 10.0, at));
+        latency.push(Sample::at(12.0, at));
     }
     (
         view,

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runpod_autoscaler::clock::SystemClock;
-use runpod_autoscaler::config::Secret;
 use runpod_autoscaler::emulator::{EmulatorConfig, RunningEmulator};
 use runpod_autoscaler::model::GpuTypeId;
+use runpod_autoscaler::model::Secret;
 use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec};
 

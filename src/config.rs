@@ -4,7 +4,7 @@
 //! in [`Secret`], which never prints its value.
 
 use std::collections::BTreeMap;
-use std::fmt;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::decide::{PodTemplate, Policy, PolicyKind};
-use crate::model::{GpuTypeId, Usd};
+use crate::model::{GpuTypeId, Secret, Usd};
 use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
 use crate::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
 
@@ -38,46 +38,6 @@ pub enum ConfigError {
         /// What to do.
         fix: &'static str,
     },
-}
-
-/// A secret string (API key, private key, credential). Debug and Display print `[redacted]`.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret value, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("[redacted]")
-    }
 }
 
 /// The whole configuration.
@@ -713,72 +673,17 @@ impl Config {
 }
 
 fn validate_kafka(k: &KafkaSourceConfig) -> Result<(), ConfigError> {
-    let invalid = |key, problem: String, fix| Err(ConfigError::Invalid { key, problem, fix });
-    if k.bootstrap_servers.split(',').all(|s| s.trim().is_empty()) {
-        return invalid(
-            "signals.queue.bootstrap_servers",
-            "is empty".into(),
-            "set the brokers as host:port[,host:port], e.g. \"kafka:9092\"",
-        );
-    }
-    if k.consumer_group.trim().is_empty() {
-        return invalid(
-            "signals.queue.consumer_group",
-            "is empty".into(),
-            "set the consumer group of the GPU workers",
-        );
-    }
-    if k.topics.iter().any(|t| t.trim().is_empty()) {
-        return invalid(
-            "signals.queue.topics",
-            "contains an empty name".into(),
-            "list topic names, or omit the key to use every topic the group committed on",
-        );
-    }
-    if k.lag_threshold <= 0 {
-        return invalid(
-            "signals.queue.lag_threshold",
-            format!("{} is not above zero", k.lag_threshold),
-            "set the target lag per replica, e.g. 10",
-        );
-    }
-    if k.activation_lag_threshold < 0 {
-        return invalid(
-            "signals.queue.activation_lag_threshold",
-            format!("{} is negative", k.activation_lag_threshold),
-            "set 0 or more",
-        );
-    }
-    if k.partition_limitation.iter().any(|p| *p < 0) {
-        return invalid(
-            "signals.queue.partition_limitation",
-            "contains a negative partition id".into(),
-            "list partition ids ≥ 0, e.g. [0, 1, 2]",
-        );
-    }
-    if !k.partition_limitation.is_empty() && k.topics.len() != 1 {
-        return invalid(
-            "signals.queue.partition_limitation",
-            "needs exactly one topic".into(),
-            "set signals.queue.topics to one topic, or remove partition_limitation",
-        );
-    }
-    if k.timeout.is_zero() {
-        return invalid("signals.queue.timeout", "is 0".into(), "set e.g. \"3s\"");
-    }
+    k.settings().validate().map_err(|e| ConfigError::Invalid {
+        key: e.setting.config_key(),
+        problem: e.problem,
+        fix: e.fix,
+    })?;
     if k.poll_interval.is_some_and(|d| d.is_zero()) {
-        return invalid(
-            "signals.queue.poll_interval",
-            "is 0".into(),
-            "set e.g. \"5s\"",
-        );
-    }
-    if k.sasl_password.is_some() && k.sasl_username.is_none() {
-        return invalid(
-            "signals.queue.sasl_username",
-            "is missing while sasl_password is set".into(),
-            "set the SASL user name",
-        );
+        return Err(ConfigError::Invalid {
+            key: "signals.queue.poll_interval",
+            problem: "is 0".into(),
+            fix: "set e.g. \"5s\"",
+        });
     }
     Ok(())
 }
@@ -842,6 +747,15 @@ fn validate_prometheus(p: &PrometheusSourceConfig) -> Result<(), ConfigError> {
         );
     }
     Ok(())
+}
+
+/// Parses TOML text into any configuration type (unknown keys rejected by its serde attributes),
+/// with figment's key-naming error messages. For configuration files other than [`Config`].
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    Figment::new()
+        .merge(Toml::string(text))
+        .extract()
+        .map_err(|e| ConfigError::Parse(describe_figment(e)))
 }
 
 /// Figment's message, minus its profile prefix, so keys read as they are written in the file.

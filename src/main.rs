@@ -446,8 +446,8 @@ async fn run_emulator(
     api_key: Option<String>,
     config: Option<PathBuf>,
 ) -> Result<()> {
-    use runpod_autoscaler::config::Secret;
     use runpod_autoscaler::emulator::{EmulatorConfig, RunningEmulator};
+    use runpod_autoscaler::model::Secret;
     init_logging(LogFormat::Text);
     let mut cfg = match &config {
         Some(path) => EmulatorConfig::load(path)?,

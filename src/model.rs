@@ -219,6 +219,94 @@ impl fmt::Display for PodState {
     }
 }
 
+/// One poll of a demand signal.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Reading {
+    /// The value: queue lag in messages, or latency in seconds.
+    pub value: f64,
+    /// The most workers this work can keep busy at once (Kafka: the partitions that count,
+    /// since a partition feeds one consumer of the group); `None` when unlimited.
+    pub max_workers: Option<u32>,
+}
+
+impl Reading {
+    /// A reading without a worker limit.
+    pub fn of(value: f64) -> Reading {
+        Reading {
+            value,
+            max_workers: None,
+        }
+    }
+}
+
+/// A secret string (API key, private key, credential). Debug and Display print `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// Which signal a source produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    /// Messages waiting in the job queue (Kafka consumer-group lag).
+    QueueLag,
+    /// p95 job latency in seconds.
+    LatencyP95,
+}
+
+impl SignalKind {
+    /// What it is, in words (plans and logs).
+    pub fn describe(self) -> &'static str {
+        match self {
+            SignalKind::QueueLag => "queue lag",
+            SignalKind::LatencyP95 => "p95 latency",
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignalKind::QueueLag => "queue_lag",
+            SignalKind::LatencyP95 => "latency_p95",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

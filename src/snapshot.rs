@@ -8,8 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::decide::Plan;
-use crate::model::Timestamp;
-use crate::signals::SignalKind;
+use crate::model::{SignalKind, Timestamp};
 
 /// Health of one signal source at snapshot time.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
+use runpod_autoscaler::model::{Reading, SignalKind};
 use runpod_autoscaler::service;
 use runpod_autoscaler::signals::kafka::{
     KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy,
 };
-use runpod_autoscaler::signals::{KafkaLagSource, SignalError, SignalKind, SignalSource};
+use runpod_autoscaler::signals::{KafkaLagSource, SignalError, SignalSource};
 use support::{even_commits, eventually, Tansu};
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +71,7 @@ async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
     assert_eq!(report.partitions.len(), 8);
     assert_eq!(report.total_lag, 700);
     assert!(report.active);
-    assert_eq!(source.sample().await.unwrap(), 700.0);
+    assert_eq!(source.sample().await.unwrap(), Reading::of(700.0));
     for p in &report.partitions {
         assert!((87..=88).contains(&p.lag), "{p:?}");
     }
@@ -249,7 +250,7 @@ poll_interval = "200ms"
             matches!(
                 h,
                 Hold::StaleSignal {
-                    signal: "queue lag",
+                    signal: SignalKind::QueueLag,
                     ..
                 }
             )

@@ -9,11 +9,13 @@ use support::service::{loopback_parts, wait_for_snapshot};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use runpod_autoscaler::config::{Config, Secret};
+use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
+use runpod_autoscaler::model::Secret;
+use runpod_autoscaler::model::SignalKind;
 use runpod_autoscaler::service;
 use runpod_autoscaler::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
-use runpod_autoscaler::signals::{PrometheusSource, SignalError, SignalKind};
+use runpod_autoscaler::signals::{PrometheusSource, SignalError};
 use support::{eventually, Exporter, Prometheus};
 use tokio_util::sync::CancellationToken;
 
@@ -152,10 +154,9 @@ timeout = "1s"
 
     prom.guard.stop();
     wait_for_snapshot(&snapshots, "a stale latency hold", |s| {
-        s.plan
-            .holds
-            .iter()
-            .any(|h| matches!(h, Hold::StaleSignal { signal, .. } if signal.contains("latency")))
+        s.plan.holds.iter().any(
+            |h| matches!(h, Hold::StaleSignal { signal, .. } if *signal == SignalKind::LatencyP95),
+        )
     })
     .await;
     let snap = snapshots.borrow().clone().unwrap();

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use runpod_autoscaler::clock::ManualClock;
-use runpod_autoscaler::config::Secret;
 use runpod_autoscaler::emulator::{EmulatorConfig, Faults, GpuSpec, RunningEmulator};
+use runpod_autoscaler::model::Secret;
 use runpod_autoscaler::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
 use runpod_autoscaler::provider::runpod::{
     PodAction, RetryPolicy, RunPodClient, RunPodSettings, Sleeper,

@@ -13,7 +13,8 @@ use runpod_autoscaler::decide::Hold;
 use runpod_autoscaler::service::{self, ServiceParts};
 
 mod support;
-use runpod_autoscaler::signals::{SignalError, SignalKind, SignalSource, StaticSource};
+use runpod_autoscaler::model::{Reading, SignalKind};
+use runpod_autoscaler::signals::{SignalError, SignalSource, StaticSource};
 use support::service::{loopback_parts, wait_for_snapshot};
 
 /// GET over loopback; (status, body).
@@ -95,14 +96,14 @@ impl SignalSource for Flaky {
     fn kind(&self) -> SignalKind {
         SignalKind::QueueLag
     }
-    async fn sample(&self) -> Result<f64, SignalError> {
+    async fn sample(&self) -> Result<Reading, SignalError> {
         if self.failing.load(Ordering::SeqCst) {
             Err(SignalError::Unreachable {
                 backend: "kafka",
                 detail: "connection refused".into(),
             })
         } else {
-            Ok(0.0)
+            Ok(Reading::of(0.0))
         }
     }
 }
@@ -131,7 +132,7 @@ async fn a_failing_source_goes_stale_and_the_planner_holds() {
             matches!(
                 h,
                 Hold::StaleSignal {
-                    signal: "queue lag",
+                    signal: SignalKind::QueueLag,
                     ..
                 }
             )

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runpod_autoscaler::clock::ManualClock;
-use runpod_autoscaler::config::Secret;
 use runpod_autoscaler::emulator::{sshd, EmulatorConfig, RunningEmulator};
 use runpod_autoscaler::join::{self, HostKeyPolicy, JoinError, KnownHosts, SshKey, SshTarget};
+use runpod_autoscaler::model::Secret;
 use runpod_autoscaler::model::{GpuTypeId, Timestamp};
 use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec};

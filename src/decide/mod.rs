@@ -8,6 +8,7 @@
 
 mod plan;
 mod seed;
+mod series;
 mod target;
 mod view;
 
@@ -15,12 +16,12 @@ mod view;
 mod tests;
 
 pub use plan::{Hold, Plan, Reason, Step};
+pub use series::{Sample, Series, Signals};
 pub use view::{ClusterView, PodTemplate, PodView, Policy, PolicyKind};
 
 use std::time::Duration;
 
-use crate::model::{Timestamp, Usd};
-use crate::signals::Signals;
+use crate::model::{SignalKind, Timestamp, Usd};
 
 /// What a policy asks for, before the shared limits are applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +70,7 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
         plan.steps.push(Step::Terminate {
             pod: pod.id.clone(),
             reason: Reason::NotServing {
-                state: pod.state.to_string(),
+                state: pod.state.clone(),
             },
         });
     }
@@ -150,8 +151,8 @@ fn count<I: Iterator>(it: I) -> u32 {
 fn stale_holds(signals: &Signals, policy: &Policy, now: Timestamp) -> Vec<Hold> {
     let mut holds = Vec::new();
     let named = [
-        ("queue lag", Some(&signals.queue)),
-        ("p95 latency", signals.latency.as_ref()),
+        (SignalKind::QueueLag, Some(&signals.queue)),
+        (SignalKind::LatencyP95, signals.latency.as_ref()),
     ];
     for (name, series) in named {
         let Some(series) = series else { continue };

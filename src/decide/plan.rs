@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::view::PolicyKind;
-use crate::model::{GpuTypeId, PodId, Timestamp, Usd};
+use crate::model::{GpuTypeId, PodId, PodState, SignalKind, Timestamp, Usd};
 
 /// What the planner wants done in one tick.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -116,7 +116,7 @@ pub enum Reason {
     /// The pod exists but will not serve (exited or failed) and may still bill.
     NotServing {
         /// Its state.
-        state: String,
+        state: PodState,
     },
 }
 
@@ -129,7 +129,7 @@ pub enum Hold {
     /// A signal is stale or missing: no scale-down.
     StaleSignal {
         /// Which signal.
-        signal: &'static str,
+        signal: SignalKind,
         /// Age of its newest sample (`None`: never sampled).
         #[serde(with = "humantime_serde")]
         age: Option<Duration>,
@@ -263,14 +263,15 @@ impl fmt::Display for Hold {
         match self {
             Hold::NotSynced => write!(f, "provider not yet listed since start; no action"),
             Hold::StaleSignal { signal, age: None } => {
-                write!(f, "{signal} never sampled; no scale-down")
+                write!(f, "{} never sampled; no scale-down", signal.describe())
             }
             Hold::StaleSignal {
                 signal,
                 age: Some(age),
             } => write!(
                 f,
-                "{signal} stale (newest sample {} old); no scale-down",
+                "{} stale (newest sample {} old); no scale-down",
+                signal.describe(),
                 humantime::format_duration(Duration::from_secs(age.as_secs()))
             ),
             Hold::MaxPods { max_pods } => write!(f, "max_pods {max_pods} reached"),

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use super::{ClusterView, Hold, Policy, Reason, ScaleDown, Want};
+use super::{ClusterView, Hold, Policy, Reason, ScaleDown, Signals, Want};
 use crate::model::Timestamp;
-use crate::signals::Signals;
 
 /// Queue depth above which the seed rule adds pods (from the original design).
 const QUEUE_TRIGGER: f64 = 5.0;

@@ -3,16 +3,17 @@
 //! [min_pods, max_pods]. Scale-up is immediate; scale-down goes only to the highest demand seen
 //! in the stabilization window, and never while p95 was above the SLO in that window.
 
-use super::{ClusterView, Hold, Policy, Reason, ScaleDown, Want};
+use super::{ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Signals, Want};
 use crate::model::Timestamp;
-use crate::signals::Signals;
 
-/// GPU workers needed to absorb `lag`.
-fn lag_gpus(lag: f64, lag_per_gpu: f64) -> u32 {
-    if lag <= 0.0 {
+/// GPU workers needed to absorb a lag sample: ⌈lag / lag_per_gpu⌉, but never more than the
+/// workers that lag can keep busy (one per Kafka partition that counts).
+fn lag_gpus(sample: &Sample, lag_per_gpu: f64) -> u32 {
+    if sample.value <= 0.0 {
         return 0;
     }
-    (lag / lag_per_gpu).ceil().min(f64::from(u32::MAX)) as u32
+    let gpus = (sample.value / lag_per_gpu).ceil().min(f64::from(u32::MAX)) as u32;
+    gpus.min(sample.max_workers.unwrap_or(u32::MAX))
 }
 
 pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Want {
@@ -21,8 +22,9 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
     let total_now = view.baseline_gpus.saturating_add(capacity_gpus);
     let mut holds = Vec::new();
 
-    let lag = signals.queue.latest().map_or(0.0, |s| s.value);
-    let by_lag = lag_gpus(lag, policy.lag_per_gpu);
+    let latest_lag = signals.queue.latest();
+    let lag = latest_lag.map_or(0.0, |s| s.value);
+    let by_lag = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
 
     let p95 = signals
         .latency
@@ -88,11 +90,11 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
         // Stabilization: the highest demand within the window wins; any SLO breach in the
         // window keeps the current capacity.
         let since = now.minus(policy.scale_down_stabilization);
-        let window_lag = signals
+        let window_lag_gpus = signals
             .queue
             .since(since)
-            .map(|s| s.value)
-            .fold(lag, f64::max);
+            .map(|s| lag_gpus(s, policy.lag_per_gpu))
+            .fold(by_lag, u32::max);
         let breached = signals
             .latency
             .as_ref()
@@ -100,7 +102,7 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
         let window_gpus = if breached {
             capacity_gpus
         } else {
-            clamp(lag_gpus(window_lag, policy.lag_per_gpu).saturating_sub(view.baseline_gpus))
+            clamp(window_lag_gpus.saturating_sub(view.baseline_gpus))
         };
         if window_gpus > runpod_gpus {
             runpod_gpus = window_gpus.min(capacity_gpus);

@@ -5,8 +5,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
-use crate::signals::{Sample, Series, Signals};
+use crate::model::{GpuTypeId, PodId, PodState, SignalKind, Timestamp, Usd};
 
 const NOW: Timestamp = Timestamp::from_secs(1_000_000);
 const POLL: Duration = Duration::from_secs(5);
@@ -36,16 +35,10 @@ fn policy(kind: PolicyKind) -> Policy {
 fn signals(lag: f64, p95: Option<f64>, age: Duration) -> Signals {
     let at = NOW.minus(age);
     let mut queue = Series::new(POLL, Duration::from_secs(600));
-    queue.push(Sample {
-        value: lag,
-        observed_at: at,
-    });
+    queue.push(Sample::at(lag, at));
     let latency = p95.map(|v| {
         let mut s = Series::new(POLL, Duration::from_secs(600));
-        s.push(Sample {
-            value: v,
-            observed_at: at,
-        });
+        s.push(Sample::at(v, at));
         s
     });
     Signals { queue, latency }
@@ -277,6 +270,43 @@ fn table() {
 }
 
 #[test]
+fn lag_demand_is_capped_at_the_workers_the_partitions_can_feed() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = 100;
+    p.max_usd_per_hour = Usd(100.0);
+    // (lag, max_workers, demand): 8 partitions feed at most 8 workers whatever the backlog;
+    // without a limit (idle consumers allowed) the lag alone decides.
+    for (lag, max_workers, demand) in [
+        (5000.0, Some(8), 8),
+        (5000.0, None, 50),
+        (350.0, Some(8), 4),
+        (0.0, Some(8), 0),
+        (100.0, Some(0), 0),
+    ] {
+        let mut queue = Series::new(POLL, Duration::from_secs(600));
+        queue.push(Sample {
+            value: lag,
+            observed_at: NOW.minus(FRESH),
+            max_workers,
+        });
+        let s = Signals {
+            queue,
+            latency: None,
+        };
+        let plan = decide(&view(2, vec![]), &s, &p, NOW);
+        assert_eq!(
+            plan.demand_gpus, demand,
+            "lag {lag} cap {max_workers:?}\n{plan}"
+        );
+        assert_eq!(
+            plan.launches() as u32,
+            demand.saturating_sub(2),
+            "lag {lag} cap {max_workers:?}\n{plan}"
+        );
+    }
+}
+
+#[test]
 fn budget_limits_launches() {
     let mut p = policy(PolicyKind::Target);
     p.max_usd_per_hour = Usd(1.6);
@@ -296,10 +326,7 @@ fn stabilization_window_keeps_recent_peak() {
     let p = policy(PolicyKind::Target);
     let mut queue = Series::new(POLL, Duration::from_secs(600));
     for (age, lag) in [(200, 400.0), (100, 50.0), (1, 0.0)] {
-        queue.push(Sample {
-            value: lag,
-            observed_at: NOW.minus(Duration::from_secs(age)),
-        });
+        queue.push(Sample::at(lag, NOW.minus(Duration::from_secs(age))));
     }
     let s = Signals {
         queue,
@@ -417,13 +444,13 @@ prop_compose! {
         let mut lags = lags;
         lags.sort_by_key(|a| std::cmp::Reverse(a.0));
         for (age, lag) in lags {
-            queue.push(Sample { value: if zero_lag { 0.0 } else { lag }, observed_at: NOW.minus(Duration::from_secs(age)) });
+            queue.push(Sample::at(if zero_lag { 0.0 } else { lag }, NOW.minus(Duration::from_secs(age))));
         }
         let latency = p95.map(|mut v| {
             v.sort_by_key(|a| std::cmp::Reverse(a.0));
             let mut s = Series::new(POLL, Duration::from_secs(900));
             for (age, p) in v {
-                s.push(Sample { value: p, observed_at: NOW.minus(Duration::from_secs(age)) });
+                s.push(Sample::at(p, NOW.minus(Duration::from_secs(age))));
             }
             s
         });
@@ -505,7 +532,7 @@ fn hold_kind_matches_its_json_tag() {
     let holds = [
         Hold::NotSynced,
         Hold::StaleSignal {
-            signal: "queue lag",
+            signal: SignalKind::QueueLag,
             age: None,
         },
         Hold::MaxPods { max_pods: 1 },

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::Secret;
+use crate::model::Secret;
 
 pub use world::AdminPod;
 
@@ -91,11 +91,7 @@ impl EmulatorConfig {
 
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, EmulatorError> {
-        use figment::providers::{Format, Toml};
-        figment::Figment::new()
-            .merge(Toml::string(text))
-            .extract()
-            .map_err(|e| EmulatorError::Config(e.to_string()))
+        crate::config::parse_toml(text).map_err(|e| EmulatorError::Config(e.to_string()))
     }
 }
 

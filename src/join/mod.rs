@@ -18,7 +18,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
 use tokio::time::Instant;
 
-use crate::config::Secret;
+use crate::model::Secret;
 
 /// An SSH failure.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

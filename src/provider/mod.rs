@@ -15,7 +15,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::decide::PodView;
 use crate::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
 
 /// A provider failure. Exactly these kinds; [`ProviderError::is_retryable`] tells whether the
@@ -190,19 +189,6 @@ impl Pod {
     /// while the SSH mapping is still missing.
     pub fn is_ready(&self) -> bool {
         self.state == PodState::Running && self.ssh.is_some()
-    }
-
-    /// What the planner needs from this pod.
-    pub fn to_view(&self, now: Timestamp) -> PodView {
-        PodView {
-            id: self.id.clone(),
-            state: self.state.clone(),
-            gpus: self.gpu_count,
-            usd_per_hour: self.usd_per_hour,
-            created_at: self.created_at.unwrap_or(now),
-            last_busy_at: None,
-            draining: false,
-        }
     }
 }
 

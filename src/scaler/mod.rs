@@ -161,7 +161,7 @@ impl ScalerService {
         let code = result
             .as_ref()
             .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.metrics.grpc_request(method, code);
+        self.metrics.grpc_request(method, &format!("{code:?}"));
         result
     }
 }

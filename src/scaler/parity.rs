@@ -16,9 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
 use super::ScalerError;
+use crate::model::SignalKind;
 use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
 use crate::signals::prometheus::{PrometheusAuth, PrometheusSettings};
-use crate::signals::{KafkaLagSource, PrometheusSource, SignalKind};
+use crate::signals::{KafkaLagSource, PrometheusSource};
 
 /// Bound on the synchronous first read of a new trigger: below KEDA's ~3 s HPA-path deadline.
 pub const FIRST_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -104,24 +105,17 @@ fn integer(
     m: &HashMap<String, String>,
     key: &'static str,
     default: i64,
-    min: i64,
 ) -> Result<i64, ScalerError> {
     let Some(raw) = m.get(key).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
         return Ok(default);
     };
-    match raw.parse::<i64>() {
-        Ok(v) if v >= min => Ok(v),
-        Ok(v) => Err(bad(
-            key,
-            format!("{v} is below {min}"),
-            "set a larger whole number",
-        )),
-        Err(_) => Err(bad(
+    raw.parse::<i64>().map_err(|_| {
+        bad(
             key,
             format!("{raw:?} is not a whole number"),
             "set a whole number such as \"10\"",
-        )),
-    }
+        )
+    })
 }
 
 fn float(
@@ -187,8 +181,8 @@ pub fn parse_kafka(
     )?;
     let group = required(m, "consumerGroup", "set the consumer group of the workload")?;
     let topic = m.get("topic").map(|s| s.trim()).unwrap_or("");
-    let lag_threshold = integer(m, "lagThreshold", 10, 1)?;
-    let activation_lag_threshold = integer(m, "activationLagThreshold", 0, 0)?;
+    let lag_threshold = integer(m, "lagThreshold", 10)?;
+    let activation_lag_threshold = integer(m, "activationLagThreshold", 0)?;
     let offset_reset_policy = match m.get("offsetResetPolicy").map(|s| s.trim()) {
         None | Some("") | Some("latest") => OffsetResetPolicy::Latest,
         Some("earliest") => OffsetResetPolicy::Earliest,
@@ -202,22 +196,8 @@ pub fn parse_kafka(
     };
     let allow_idle_consumers = boolean(m, "allowIdleConsumers", false)?;
     let limit_to_partitions_with_lag = boolean(m, "limitToPartitionsWithLag", false)?;
-    if allow_idle_consumers && limit_to_partitions_with_lag {
-        return Err(bad(
-            "limitToPartitionsWithLag",
-            "is set together with allowIdleConsumers (KEDA rejects this too)".into(),
-            "set only one of them",
-        ));
-    }
     let partition_limitation = match m.get("partitionLimitation").map(|s| s.trim()) {
         None | Some("") => Vec::new(),
-        Some(raw) if topic.is_empty() => {
-            return Err(bad(
-                "partitionLimitation",
-                format!("{raw:?} is set without a topic"),
-                "set topic, or remove partitionLimitation",
-            ))
-        }
         Some(raw) => partitions(raw)?,
     };
     let options = LagOptions {
@@ -247,6 +227,13 @@ pub fn parse_kafka(
         security: KafkaSecurity::default(),
         timeout: FIRST_FETCH_TIMEOUT,
     };
+    settings
+        .validate()
+        .map_err(|e| ScalerError::InvalidMetadata {
+            key: e.setting.keda_key(),
+            problem: e.problem,
+            fix: e.fix.to_owned(),
+        })?;
     Ok((
         ParitySpec::Kafka { settings },
         lag_threshold as f64,

@@ -4,8 +4,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::model::Timestamp;
-use crate::signals::{Sample, Series, SignalError, SignalKind, Signals};
+use crate::decide::{Sample, Series, Signals};
+use crate::model::{Reading, SignalKind, Timestamp};
+use crate::signals::SignalError;
 use crate::snapshot::SignalStatus;
 
 #[derive(Debug, Default, Clone)]
@@ -54,7 +55,7 @@ impl SignalBoard {
     }
 
     /// Records one poll result taken at `now`.
-    pub fn record(&self, kind: SignalKind, result: &Result<f64, SignalError>, now: Timestamp) {
+    pub fn record(&self, kind: SignalKind, result: &Result<Reading, SignalError>, now: Timestamp) {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let (series, health) = match kind {
@@ -62,11 +63,13 @@ impl SignalBoard {
             SignalKind::LatencyP95 => (inner.signals.latency.as_mut(), &mut inner.latency),
         };
         match result {
-            Ok(value) => {
+            Ok(reading) => {
+                let value = reading.value;
                 let kept = series.is_some_and(|s| {
                     s.push(Sample {
-                        value: *value,
+                        value,
                         observed_at: now,
+                        max_workers: reading.max_workers,
                     })
                 });
                 if kept {

@@ -21,10 +21,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::clock::Clock;
 use crate::config::{Config, LatencySourceConfig, QueueSourceConfig};
 use crate::decide::{decide, ClusterView, Plan, Policy, Step};
+use crate::model::SignalKind;
 use crate::scaler::{self, ScalerService, TlsMaterial};
-use crate::signals::{
-    KafkaLagSource, PrometheusSource, SignalError, SignalKind, SignalSource, StaticSource,
-};
+use crate::signals::{KafkaLagSource, PrometheusSource, SignalError, SignalSource, StaticSource};
 use crate::snapshot::{self, Snapshot, SnapshotSender};
 use crate::telemetry::Metrics;
 
@@ -247,9 +246,14 @@ async fn sample_loop(
             }),
         };
         match &result {
-            Ok(v) => {
-                debug!(signal = kind.as_str(), value = v, "sampled");
-                metrics.signal_value.get_or_create(&labels).set(*v);
+            Ok(r) => {
+                debug!(
+                    signal = kind.as_str(),
+                    value = r.value,
+                    max_workers = r.max_workers,
+                    "sampled"
+                );
+                metrics.signal_value.get_or_create(&labels).set(r.value);
             }
             Err(e) => {
                 warn!(signal = kind.as_str(), error = %e, "sample failed; signal goes stale");

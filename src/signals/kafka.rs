@@ -22,8 +22,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tracing::{debug, info_span, warn, Instrument};
 
-use super::source::{SignalError, SignalKind, SignalSource};
-use crate::config::Secret;
+use super::source::{SignalError, SignalSource};
+use crate::model::{Reading, Secret, SignalKind};
 
 const BACKEND: &str = "kafka";
 
@@ -127,6 +127,28 @@ pub struct LagReport {
     pub metric: i64,
     /// KEDA's `IsActive`: `total_lag_with_persistent > activation_lag_threshold`.
     pub active: bool,
+}
+
+impl LagReport {
+    /// What the planner reads: the whole lag (never KEDA's `lagThreshold` cap, which only
+    /// shapes the HPA metric; persistent lag excluded and uncommitted partitions counted as the
+    /// options say), with the most consumers that lag can keep busy: one per partition that
+    /// counts (only partitions with lag under `limit_to_partitions_with_lag`), no limit under
+    /// `allow_idle_consumers`.
+    pub fn planner_reading(&self, options: &LagOptions) -> Reading {
+        let partitions = if options.limit_to_partitions_with_lag {
+            self.partitions.iter().filter(|p| p.lag > 0).count()
+        } else {
+            self.partitions.len()
+        };
+        let max_workers = (!options.allow_idle_consumers || options.limit_to_partitions_with_lag)
+            .then(|| u32::try_from(partitions).unwrap_or(u32::MAX));
+        Reading {
+            // i64 → f64 loses precision only above 2^53 messages.
+            value: self.total_lag.max(0) as f64,
+            max_workers,
+        }
+    }
 }
 
 /// Committed offsets seen at the previous poll, for `excludePersistentLag`.
@@ -251,6 +273,160 @@ pub struct KafkaLagSettings {
     pub security: KafkaSecurity,
     /// Bound on one whole poll.
     pub timeout: Duration,
+}
+
+/// A Kafka lag setting, with the names the configuration file and KEDA's trigger metadata use
+/// for it, so that one validation ([`KafkaLagSettings::validate`]) serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LagSetting {
+    /// The broker list.
+    BootstrapServers,
+    /// The consumer group.
+    ConsumerGroup,
+    /// The topic list.
+    Topics,
+    /// The target lag per replica.
+    LagThreshold,
+    /// The activation threshold.
+    ActivationLagThreshold,
+    /// Cap at partitions with lag.
+    LimitToPartitionsWithLag,
+    /// Partition ids that count.
+    PartitionLimitation,
+    /// SASL user name.
+    SaslUsername,
+    /// Bound on one poll.
+    Timeout,
+}
+
+impl LagSetting {
+    /// The key in the configuration file.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            LagSetting::BootstrapServers => "signals.queue.bootstrap_servers",
+            LagSetting::ConsumerGroup => "signals.queue.consumer_group",
+            LagSetting::Topics => "signals.queue.topics",
+            LagSetting::LagThreshold => "signals.queue.lag_threshold",
+            LagSetting::ActivationLagThreshold => "signals.queue.activation_lag_threshold",
+            LagSetting::LimitToPartitionsWithLag => "signals.queue.limit_to_partitions_with_lag",
+            LagSetting::PartitionLimitation => "signals.queue.partition_limitation",
+            LagSetting::SaslUsername => "signals.queue.sasl_username",
+            LagSetting::Timeout => "signals.queue.timeout",
+        }
+    }
+
+    /// The key in a KEDA `kafka` trigger's metadata.
+    pub fn keda_key(self) -> &'static str {
+        match self {
+            LagSetting::BootstrapServers => "bootstrapServers",
+            LagSetting::ConsumerGroup => "consumerGroup",
+            LagSetting::Topics => "topic",
+            LagSetting::LagThreshold => "lagThreshold",
+            LagSetting::ActivationLagThreshold => "activationLagThreshold",
+            LagSetting::LimitToPartitionsWithLag => "limitToPartitionsWithLag",
+            LagSetting::PartitionLimitation => "partitionLimitation",
+            LagSetting::SaslUsername => "sasl.username",
+            LagSetting::Timeout => "timeout",
+        }
+    }
+}
+
+/// A Kafka lag setting that cannot work: which one, what is wrong, what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{problem}; {fix}")]
+pub struct InvalidLagSetting {
+    /// The setting.
+    pub setting: LagSetting,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do.
+    pub fix: &'static str,
+}
+
+impl KafkaLagSettings {
+    /// Checks ranges and consistency (the one place for both the `[signals.queue]` table and
+    /// KEDA-parity triggers).
+    pub fn validate(&self) -> Result<(), InvalidLagSetting> {
+        let invalid = |setting, problem: String, fix| {
+            Err(InvalidLagSetting {
+                setting,
+                problem,
+                fix,
+            })
+        };
+        let o = &self.options;
+        if self
+            .bootstrap_servers
+            .split(',')
+            .all(|s| s.trim().is_empty())
+        {
+            return invalid(
+                LagSetting::BootstrapServers,
+                "is empty".into(),
+                "set the brokers as host:port[,host:port], e.g. \"kafka:9092\"",
+            );
+        }
+        if self.group.trim().is_empty() {
+            return invalid(
+                LagSetting::ConsumerGroup,
+                "is empty".into(),
+                "set the consumer group of the GPU workers",
+            );
+        }
+        if self.topics.iter().any(|t| t.trim().is_empty()) {
+            return invalid(
+                LagSetting::Topics,
+                "contains an empty name".into(),
+                "list topic names, or leave it empty for every topic the group committed on",
+            );
+        }
+        if o.lag_threshold <= 0 {
+            return invalid(
+                LagSetting::LagThreshold,
+                format!("{} is not above zero", o.lag_threshold),
+                "set the target lag per replica, e.g. 10",
+            );
+        }
+        if o.activation_lag_threshold < 0 {
+            return invalid(
+                LagSetting::ActivationLagThreshold,
+                format!("{} is negative", o.activation_lag_threshold),
+                "set 0 or more",
+            );
+        }
+        if o.allow_idle_consumers && o.limit_to_partitions_with_lag {
+            return invalid(
+                LagSetting::LimitToPartitionsWithLag,
+                "is set together with allow idle consumers (KEDA rejects this too)".into(),
+                "set only one of them",
+            );
+        }
+        if o.partition_limitation.iter().any(|p| *p < 0) {
+            return invalid(
+                LagSetting::PartitionLimitation,
+                "contains a negative partition id".into(),
+                "list partition ids ≥ 0, e.g. 0, 1, 2",
+            );
+        }
+        if !o.partition_limitation.is_empty() && self.topics.len() != 1 {
+            return invalid(
+                LagSetting::PartitionLimitation,
+                "needs exactly one topic".into(),
+                "name exactly one topic, or remove the partition limitation",
+            );
+        }
+        if self.security.sasl_password.is_some() && self.security.sasl_username.is_none() {
+            return invalid(
+                LagSetting::SaslUsername,
+                "is missing while a SASL password is set".into(),
+                "set the SASL user name",
+            );
+        }
+        if self.timeout.is_zero() {
+            return invalid(LagSetting::Timeout, "is 0".into(), "set e.g. \"3s\"");
+        }
+        Ok(())
+    }
 }
 
 /// Broker requests one poll issued, counted by this module (each is one round trip to one
@@ -800,9 +976,10 @@ impl SignalSource for KafkaLagSource {
         self.poll_interval
     }
 
-    async fn sample(&self) -> Result<f64, SignalError> {
-        // The planner reads the same number KEDA would scale on (capped, persistent excluded).
-        self.poll().await.map(|r| r.metric as f64)
+    async fn sample(&self) -> Result<Reading, SignalError> {
+        self.poll()
+            .await
+            .map(|r| r.planner_reading(&self.settings.options))
     }
 }
 
@@ -947,6 +1124,57 @@ mod tests {
                 "{name}: total"
             );
             assert_eq!(r.active, active, "{name}: active");
+        }
+    }
+
+    #[test]
+    fn the_planner_reads_the_whole_lag_and_the_partition_cap() {
+        let four = vec![
+            p(0, Some(10), 0, 100),
+            p(1, Some(50), 0, 100),
+            p(2, None, 20, 100),
+            p(3, Some(100), 0, 100),
+        ];
+        // (name, options, lag value, max workers)
+        let cases: Vec<(&str, LagOptions, f64, Option<u32>)> = vec![
+            (
+                "lagThreshold caps only KEDA's metric, not the planner's lag",
+                opts(|o| o.lag_threshold = 10),
+                141.0,
+                Some(4),
+            ),
+            (
+                "earliest policy counts the uncommitted partition whole",
+                opts(|o| o.offset_reset_policy = OffsetResetPolicy::Earliest),
+                220.0,
+                Some(4),
+            ),
+            (
+                "idle consumers allowed: no worker limit",
+                opts(|o| o.allow_idle_consumers = true),
+                141.0,
+                None,
+            ),
+            (
+                "limit to partitions with lag: 3 of 4 have lag",
+                opts(|o| o.limit_to_partitions_with_lag = true),
+                141.0,
+                Some(3),
+            ),
+            (
+                "partition limitation counts only the listed partitions",
+                opts(|o| o.partition_limitation = vec![0, 3]),
+                90.0,
+                Some(2),
+            ),
+        ];
+        for (name, o, value, max_workers) in cases {
+            let (r, _) = compute_lag(&four, &PreviousCommits::new(), &o);
+            assert_eq!(
+                r.planner_reading(&o),
+                Reading { value, max_workers },
+                "{name}"
+            );
         }
     }
 

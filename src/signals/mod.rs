@@ -1,13 +1,12 @@
-//! Demand signals: queue lag and p95 latency, sampled on intervals and kept as [`Series`].
+//! Demand signal sources: queue lag and p95 latency, polled by the service into the planner's
+//! [`crate::decide::Series`].
 //! Sources sit behind [`SignalSource`]: [`StaticSource`], [`kafka::KafkaLagSource`] (rdkafka) and
 //! [`prometheus::PrometheusSource`] (prometheus-http-query). This module decides nothing.
 
 pub mod kafka;
 pub mod prometheus;
-mod series;
 pub mod source;
 
 pub use kafka::KafkaLagSource;
 pub use prometheus::PrometheusSource;
-pub use series::{Sample, Series, Signals};
-pub use source::{SignalError, SignalKind, SignalSource, StaticSource};
+pub use source::{SignalError, SignalSource, StaticSource};

@@ -11,8 +11,8 @@ use prometheus_http_query::Client;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use tracing::{debug, info_span, Instrument};
 
-use super::source::{SignalError, SignalKind, SignalSource};
-use crate::config::Secret;
+use super::source::{SignalError, SignalSource};
+use crate::model::{Reading, Secret, SignalKind};
 
 const BACKEND: &str = "prometheus";
 
@@ -299,8 +299,8 @@ impl SignalSource for PrometheusSource {
         self.poll_interval
     }
 
-    async fn sample(&self) -> Result<f64, SignalError> {
-        self.query().await
+    async fn sample(&self) -> Result<Reading, SignalError> {
+        self.query().await.map(Reading::of)
     }
 }
 

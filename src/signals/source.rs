@@ -2,27 +2,8 @@
 //! nothing else is installed (fixed values from the configuration).
 
 use async_trait::async_trait;
-use serde::Serialize;
 
-/// Which signal a source produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SignalKind {
-    /// Messages waiting in the job queue (Kafka consumer-group lag).
-    QueueLag,
-    /// p95 job latency in seconds.
-    LatencyP95,
-}
-
-impl SignalKind {
-    /// A short label for metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SignalKind::QueueLag => "queue_lag",
-            SignalKind::LatencyP95 => "latency_p95",
-        }
-    }
-}
+use crate::model::{Reading, SignalKind};
 
 /// Why a sample could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +97,7 @@ pub trait SignalSource: Send + Sync + 'static {
         None
     }
     /// Takes one sample.
-    async fn sample(&self) -> Result<f64, SignalError>;
+    async fn sample(&self) -> Result<Reading, SignalError>;
 }
 
 /// A source that always reads the same value: for demos and for running without Kafka or
@@ -140,7 +121,7 @@ impl SignalSource for StaticSource {
         self.kind
     }
 
-    async fn sample(&self) -> Result<f64, SignalError> {
-        Ok(self.value)
+    async fn sample(&self) -> Result<Reading, SignalError> {
+        Ok(Reading::of(self.value))
     }
 }

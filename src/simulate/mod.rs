@@ -15,7 +15,7 @@
 //! * **Signals.** At each tick the planner sees the queue backlog (jobs arrived and not yet
 //!   served) and a modeled p95 latency: the service-time p95 (the trace's `p95_s`, else
 //!   [`SimParams::service_seconds`]) plus the time the backlog takes to drain at the current
-//!   capacity. Both go through [`crate::signals::Series`], exactly as in production.
+//!   capacity. Both go through [`crate::decide::Series`], exactly as in production.
 //! * **SLO.** A wall-clock minute (counted from trace start) is a violation minute when the
 //!   modeled p95 of any tick in it is above the policy's `slo_p95_seconds`.
 //!
@@ -34,9 +34,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::decide::{decide, ClusterView, PodTemplate, PodView, Policy, PolicyKind, Step};
+use crate::decide::{
+    decide, ClusterView, PodTemplate, PodView, Policy, PolicyKind, Sample, Series, Signals, Step,
+};
 use crate::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
-use crate::signals::{Sample, Series, Signals};
 
 /// Modeled queue wait when work is waiting and nothing can serve it (seconds).
 const NO_CAPACITY_WAIT_S: f64 = 3600.0;
@@ -310,15 +311,9 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
             queue / capacity_per_s
         };
         let p95 = cursor.p95_at(t).unwrap_or(service_s) + wait_s;
-        signals.queue.push(Sample {
-            value: queue,
-            observed_at: now,
-        });
+        signals.queue.push(Sample::at(queue, now));
         if let Some(latency) = signals.latency.as_mut() {
-            latency.push(Sample {
-                value: p95,
-                observed_at: now,
-            });
+            latency.push(Sample::at(p95, now));
         }
 
         // Decide and apply.

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn, Instrument};
 
-use crate::config::Secret;
+use crate::model::Secret;
 use crate::model::{GpuTypeId, PodId, Usd};
 use crate::provider::{
     CloudProvider, LaunchSpec, Offering, OwnerMarker, Pod, ProviderError, Stock,

@@ -15,6 +15,19 @@ pub struct Sample {
     pub value: f64,
     /// When it was observed.
     pub observed_at: Timestamp,
+    /// The most workers this work can keep busy (see [`crate::model::Reading`]).
+    pub max_workers: Option<u32>,
+}
+
+impl Sample {
+    /// A sample of `value` at `observed_at`, without a worker limit.
+    pub fn at(value: f64, observed_at: Timestamp) -> Sample {
+        Sample {
+            value,
+            observed_at,
+            max_workers: None,
+        }
+    }
 }
 
 /// Recent samples of one signal, oldest first, bounded by a retention window.
@@ -113,10 +126,7 @@ mod tests {
     use super::*;
 
     fn s(v: f64, t: u64) -> Sample {
-        Sample {
-            value: v,
-            observed_at: Timestamp::from_secs(t),
-        }
+        Sample::at(v, Timestamp::from_secs(t))
     }
 
     #[test]
