@@ -29,6 +29,7 @@ fn policy(kind: PolicyKind) -> Policy {
         scale_down_stabilization: Duration::from_secs(300),
         idle_timeout: Duration::from_secs(300),
         warmup_grace: Duration::from_secs(180),
+        boot_deadline: Duration::from_secs(600),
         stale_after_intervals: 3,
     }
 }
@@ -44,6 +45,7 @@ fn inputs(pods: usize, lag: f64) -> (ClusterView, Signals) {
                 gpus: 1,
                 usd_per_hour: Usd(0.5 + (i % 7) as f64 * 0.1),
                 created_at: NOW.minus(Duration::from_secs(3600 + i as u64)),
+                ready: true,
                 last_busy_at: Some(NOW.minus(Duration::from_secs((i % 900) as u64))),
                 draining: false,
             })

@@ -82,6 +82,7 @@ async fn main() {
             policy: PolicyKind::Target,
             demand_gpus: 7,
             baseline_gpus: 2,
+            served_gpus: 7,
             desired_gpus: 7,
             capacity_pods: 5,
             target_pods: 5,

@@ -160,6 +160,9 @@ pub struct PolicyConfig {
     /// New pods are not removed or judged this long after creation.
     #[serde(with = "humantime_serde", default = "defaults::warmup_grace")]
     pub warmup_grace: Duration,
+    /// A pod still not ready this long after creation counts as failed (replaced).
+    #[serde(with = "humantime_serde", default = "defaults::boot_deadline")]
+    pub boot_deadline: Duration,
     /// A signal older than this many poll intervals is stale (no scale-down).
     #[serde(default = "defaults::stale_after_intervals")]
     pub stale_after_intervals: u32,
@@ -457,6 +460,11 @@ mod defaults {
     pub fn warmup_grace() -> Duration {
         Duration::from_secs(180)
     }
+    /// RunPod provisioning (image pull) usually takes a few minutes; other tools give up after
+    /// 10 to 20. Ten minutes replaces a stuck pod without giving up on a slow pull too early.
+    pub fn boot_deadline() -> Duration {
+        Duration::from_secs(600)
+    }
     pub fn stale_after_intervals() -> u32 {
         3
     }
@@ -573,6 +581,13 @@ impl Config {
                 "set a latency objective, e.g. \"30s\"",
             );
         }
+        if p.boot_deadline.is_zero() {
+            return invalid(
+                "policy.boot_deadline",
+                "is 0, so every new pod would count as failed".into(),
+                "set how long a pod may take to become ready, e.g. \"10m\"",
+            );
+        }
         if p.stale_after_intervals == 0 {
             return invalid(
                 "policy.stale_after_intervals",
@@ -667,6 +682,7 @@ impl Config {
             scale_down_stabilization: p.scale_down_stabilization,
             idle_timeout: p.idle_timeout,
             warmup_grace: p.warmup_grace,
+            boot_deadline: p.boot_deadline,
             stale_after_intervals: p.stale_after_intervals,
         }
     }

@@ -8,6 +8,7 @@ pub mod emulator;
 pub mod join;
 pub mod model;
 pub mod provider;
+pub mod reconcile;
 pub mod scaler;
 pub mod service;
 pub mod signals;

@@ -45,9 +45,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// GPU workers wanted: the `gpu-demand` metric served to KEDA.
+    /// GPU workers the work needs, within what can ever be had: the `gpu-demand` metric
+    /// served to KEDA (see [`Plan::served_gpus`]).
     pub fn gpu_demand(&self) -> f64 {
-        f64::from(self.plan.desired_gpus)
+        f64::from(self.plan.served_gpus)
     }
 }
 

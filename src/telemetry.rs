@@ -14,10 +14,12 @@ type Labels = Vec<(&'static str, String)>;
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
-    /// GPU workers that will exist once the latest plan is applied (the KEDA metric).
+    /// GPU workers that will exist once the latest plan is applied.
     pub desired_gpus: Gauge<f64, AtomicU64>,
     /// GPU workers demand asks for before limits.
     pub demand_gpus: Gauge<f64, AtomicU64>,
+    /// The `gpu-demand` value served to KEDA.
+    pub served_gpus: Gauge<f64, AtomicU64>,
     /// GPU workers of the local baseline.
     pub baseline_gpus: Gauge<f64, AtomicU64>,
     /// RunPod pods counted as capacity.
@@ -38,6 +40,8 @@ pub struct Metrics {
     pub signal_failures: Family<Labels, Counter>,
     /// gRPC requests by method and status code.
     pub grpc_requests: Family<Labels, Counter>,
+    /// Failed reads behind open `StreamIsActive` streams (nothing is sent for them).
+    pub stream_read_failures: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -53,6 +57,7 @@ impl Metrics {
         let m = Metrics {
             desired_gpus: Gauge::default(),
             demand_gpus: Gauge::default(),
+            served_gpus: Gauge::default(),
             baseline_gpus: Gauge::default(),
             runpod_pods: Gauge::default(),
             ticks: Counter::default(),
@@ -64,18 +69,24 @@ impl Metrics {
             signal_age_seconds: Family::default(),
             signal_failures: Family::default(),
             grpc_requests: Family::default(),
+            stream_read_failures: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
         r.register(
             "desired_gpus",
-            "GPU workers once the latest plan is applied (served to KEDA)",
+            "GPU workers once the latest plan is applied (what this tick leaves)",
             m.desired_gpus.clone(),
         );
         r.register(
             "demand_gpus",
             "GPU workers demand asks for before limits",
             m.demand_gpus.clone(),
+        );
+        r.register(
+            "served_gpus",
+            "GPU workers the work needs within what can ever be had (the gpu-demand metric served to KEDA)",
+            m.served_gpus.clone(),
         );
         r.register(
             "baseline_gpus",
@@ -119,6 +130,11 @@ impl Metrics {
             "gRPC requests by method and status code",
             m.grpc_requests.clone(),
         );
+        r.register(
+            "stream_read_failures",
+            "Failed reads behind open StreamIsActive streams (the last state stands), by scaler",
+            m.stream_read_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -128,6 +144,13 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts one failed read behind a `StreamIsActive` stream of `scaler`.
+    pub fn stream_read_failure(&self, scaler: &str) {
+        self.stream_read_failures
+            .get_or_create(&vec![("scaler", scaler.to_owned())])
+            .inc();
     }
 
     /// Counts one gRPC request.

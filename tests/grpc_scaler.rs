@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -15,20 +16,23 @@ use tonic::Code;
 use runpod_autoscaler::decide::{Plan, PolicyKind};
 use runpod_autoscaler::model::Timestamp;
 use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
-use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use runpod_autoscaler::proto::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 use runpod_autoscaler::scaler::{self, ScalerService, TlsMaterial};
 use runpod_autoscaler::snapshot::{self, Snapshot, SnapshotSender};
 use runpod_autoscaler::telemetry::Metrics;
 
-fn snapshot_with(desired_gpus: u32) -> Option<Arc<Snapshot>> {
+/// A snapshot whose served demand is `served_gpus`, with 2 baseline GPUs that stay whatever
+/// the demand (so `desired_gpus` is never what KEDA is served, and no work means inactive).
+fn snapshot_with(served_gpus: u32) -> Option<Arc<Snapshot>> {
     Some(Arc::new(Snapshot {
         at: Timestamp::from_secs(1),
         plan: Plan {
             at: Timestamp::from_secs(1),
             policy: PolicyKind::Target,
-            demand_gpus: desired_gpus,
-            baseline_gpus: 0,
-            desired_gpus,
+            demand_gpus: served_gpus,
+            served_gpus,
+            baseline_gpus: 2,
+            desired_gpus: served_gpus.max(2),
             capacity_pods: 0,
             target_pods: 0,
             steps: vec![],
@@ -204,16 +208,22 @@ async fn bad_metadata_is_invalid_argument_naming_the_key() {
     server.shutdown.cancel();
 }
 
-/// Lets the stream task observe the last published snapshot (single-threaded runtime: a task
-/// woken by the watch channel runs before this one resumes).
-async fn settle() {
-    for _ in 0..20 {
-        tokio::task::yield_now().await;
-    }
+/// Guard on every wait for a stream message: generous for a loaded 2-core machine, and a
+/// broken server fails the test instead of hanging it.
+const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The next message of a `StreamIsActive` stream: `Some(result)`, or `None` when the stream
+/// ended with status OK. Fails the test on an error status or after [`MESSAGE_DEADLINE`].
+async fn next_state(stream: &mut tonic::Streaming<IsActiveResponse>) -> Option<bool> {
+    tokio::time::timeout(MESSAGE_DEADLINE, stream.message())
+        .await
+        .expect("a StreamIsActive message within the deadline")
+        .expect("the stream ends with status OK, not an error")
+        .map(|m| m.result)
 }
 
 #[tokio::test]
-async fn stream_sends_current_state_then_only_rising_edges_and_ends_ok() {
+async fn stream_sends_current_state_then_rising_edges_and_ends_ok() {
     let server = start(None).await;
     server.snapshots.send_replace(snapshot_with(0));
     let mut c = client(server.addr).await;
@@ -222,27 +232,15 @@ async fn stream_sends_current_state_then_only_rising_edges_and_ends_ok() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        !stream.message().await.unwrap().unwrap().result,
+    assert_eq!(
+        next_state(&mut stream).await,
+        Some(false),
         "current state first"
     );
 
-    for value in [1, 2] {
-        // 1 is not above the threshold 1; 2 is: exactly one `true`.
-        server.snapshots.send_replace(snapshot_with(value));
-        settle().await;
-    }
-    assert!(stream.message().await.unwrap().unwrap().result);
-    for value in [5, 0, 0] {
-        // Still active (no message), then inactive (no message: false is never pushed).
-        server.snapshots.send_replace(snapshot_with(value));
-        settle().await;
-    }
-    server.snapshots.send_replace(snapshot_with(9));
-    assert!(
-        stream.message().await.unwrap().unwrap().result,
-        "second rising edge"
-    );
+    // 2 is above the threshold 1: a rising edge is pushed.
+    server.snapshots.send_replace(snapshot_with(2));
+    assert_eq!(next_state(&mut stream).await, Some(true));
 
     // A second stream opened while active starts with `true`.
     let mut second = c
@@ -250,13 +248,76 @@ async fn stream_sends_current_state_then_only_rising_edges_and_ends_ok() {
         .await
         .unwrap()
         .into_inner();
-    assert!(second.message().await.unwrap().unwrap().result);
+    assert_eq!(next_state(&mut second).await, Some(true));
 
     server.shutdown.cancel();
     // Graceful shutdown ends every stream with status OK: no more messages, no error.
-    assert!(stream.message().await.unwrap().is_none());
-    assert!(second.message().await.unwrap().is_none());
+    assert_eq!(next_state(&mut stream).await, None);
+    assert_eq!(next_state(&mut second).await, None);
     server.handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn stream_sends_nothing_before_the_first_plan() {
+    // No tick has run: the state is unknown, and "unknown" must not reach KEDA as "inactive".
+    let server = start(None).await;
+    let mut c = client(server.addr).await;
+    let mut early = c.stream_is_active(object(&[])).await.unwrap().into_inner();
+    // The first message is the state of the first plan (active), never a `false` before it.
+    server.snapshots.send_replace(snapshot_with(5));
+    assert_eq!(next_state(&mut early).await, Some(true));
+    server.shutdown.cancel();
+    assert_eq!(next_state(&mut early).await, None);
+    server.handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_parity_read_sends_nothing_and_is_counted() {
+    // A Prometheus parity trigger whose server is down: every read fails.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = snapshot::channel();
+    tx.send_replace(snapshot_with(3));
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let service = ScalerService::new(rx, shutdown.clone(), Arc::clone(&metrics))
+        .with_parity_timing(Duration::from_millis(50), Duration::from_secs(60));
+    let handle = tokio::spawn(scaler::serve(listener, service, None));
+    let mut c = client(addr).await;
+    let mut stream = c
+        .stream_is_active(object(&[
+            ("scaler", "prometheus"),
+            ("serverAddress", &dead),
+            ("query", "up"),
+            ("threshold", "1"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let failures = || {
+        metrics
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("runpod_autoscaler_stream_read_failures_total{scaler=\"prometheus\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tokio::time::timeout(MESSAGE_DEADLINE, async {
+        while failures() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("three failed reads counted");
+    // Three failed reads, and not one `false` sent: ended now, the stream has no message.
+    shutdown.cancel();
+    assert_eq!(next_state(&mut stream).await, None);
+    handle.await.unwrap().unwrap();
 }
 
 #[tokio::test]

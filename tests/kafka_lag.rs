@@ -238,9 +238,9 @@ poll_interval = "200ms"
     let shutdown = CancellationToken::new();
     let running = service::start(loopback_parts(&config, sources).await, shutdown.clone()).unwrap();
     let snapshots = running.snapshots.clone();
-    // 700 lag at 100 per GPU → 7 GPUs.
+    // 700 lag at 100 per GPU → 7 GPUs of work, served to KEDA.
     wait_for_snapshot(&snapshots, "lag 700 read and planned", |s| {
-        s.plan.desired_gpus == 7
+        s.plan.demand_gpus == 7 && s.plan.served_gpus == 7
     })
     .await;
 
@@ -258,8 +258,10 @@ poll_interval = "200ms"
     })
     .await;
     let snap = snapshots.borrow().clone().unwrap();
-    // Held: no scale-down, the stale 700 is not read as zero.
-    assert_eq!(snap.plan.desired_gpus, 7);
+    // Held: the stale 700 is not read as zero (KEDA is still served 7), and it adds nothing of
+    // its own (advisory mode: no pods exist, so none are planned on a stale signal).
+    assert_eq!((snap.plan.demand_gpus, snap.plan.served_gpus), (7, 7));
+    assert_eq!(snap.plan.launches(), 0, "{}", snap.plan);
     let lag = snap
         .signals
         .iter()

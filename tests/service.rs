@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
+use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
+use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use runpod_autoscaler::service::{self, ServiceParts};
 
 mod support;
@@ -38,13 +40,15 @@ async fn parts(sources: Vec<Arc<dyn SignalSource>>) -> ServiceParts {
 
 #[tokio::test]
 async fn http_endpoints_serve_the_published_plan() {
-    let config = static_config();
+    // examples/static.toml with a queue of 1000: 10 GPU workers of work, all of which can be
+    // had (baseline 2 + max_pods 8 within $4/h), while one tick's plan reaches 7 (baseline 2 +
+    // max_launches_per_tick 5). KEDA must be served 10, not what one tick leaves.
+    let sources: Vec<Arc<dyn SignalSource>> = vec![
+        Arc::new(StaticSource::new(SignalKind::QueueLag, 1000.0)),
+        Arc::new(StaticSource::new(SignalKind::LatencyP95, 12.5)),
+    ];
     let shutdown = CancellationToken::new();
-    let running = service::start(
-        parts(service::sources_from_config(&config).unwrap()).await,
-        shutdown.clone(),
-    )
-    .unwrap();
+    let running = service::start(parts(sources).await, shutdown.clone()).unwrap();
     let http = running.http_addr;
     assert_eq!(get(http, "/healthz").await, (200, "ok\n".to_owned()));
 
@@ -59,7 +63,9 @@ async fn http_endpoints_serve_the_published_plan() {
     assert_eq!(status, 200);
     let plan: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(plan["mode"], "advisory");
-    assert_eq!(plan["gpu_demand"], 7.0);
+    assert_eq!(plan["gpu_demand"], 10.0);
+    assert_eq!(plan["plan"]["demand_gpus"], 10);
+    assert_eq!(plan["plan"]["served_gpus"], 10);
     assert_eq!(plan["plan"]["desired_gpus"], 7);
     assert_eq!(plan["plan"]["steps"].as_array().unwrap().len(), 5);
     assert!(plan["text"]
@@ -75,8 +81,23 @@ async fn http_endpoints_serve_the_published_plan() {
         metrics.contains("runpod_autoscaler_desired_gpus 7.0"),
         "{metrics}"
     );
+    assert!(metrics.contains("runpod_autoscaler_served_gpus 10.0"));
     assert!(metrics.contains("runpod_autoscaler_baseline_gpus 2.0"));
-    assert!(metrics.contains("runpod_autoscaler_signal_value{signal=\"queue_lag\"} 700.0"));
+    assert!(metrics.contains("runpod_autoscaler_signal_value{signal=\"queue_lag\"} 1000.0"));
+
+    // And what a KEDA client reads over gRPC.
+    let mut keda = ExternalScalerClient::connect(format!("http://{}", running.grpc_addr))
+        .await
+        .unwrap();
+    let values = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(ScaledObjectRef::default()),
+            metric_name: "gpu-demand".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(values.metric_values[0].metric_value, 10);
     assert!(metrics.contains("# EOF"));
 
     shutdown.cancel();

@@ -21,14 +21,16 @@ pub use view::{ClusterView, PodTemplate, PodView, Policy, PolicyKind};
 
 use std::time::Duration;
 
-use crate::model::{SignalKind, Timestamp, Usd};
+use crate::model::{PodId, SignalKind, Timestamp, Usd};
 
 /// What a policy asks for, before the shared limits are applied.
 #[derive(Debug, Clone, PartialEq)]
 struct Want {
-    /// GPU workers demand needs in total (for reporting).
+    /// GPU workers demand needs in total, as the signals tell (a stale one at its last value):
+    /// reported, and served to KEDA within [`served_gpus`]' ceiling.
     demand_gpus: u32,
-    /// RunPod GPUs wanted (already clamped to the policy's pod range).
+    /// RunPod GPUs wanted (already clamped to the policy's pod range). A stale signal never
+    /// raises this above the capacity that exists: it holds, it does not act.
     runpod_gpus: u32,
     /// Why capacity is added.
     reason: Reason,
@@ -47,12 +49,33 @@ struct ScaleDown {
 
 /// Decides what to do now. Pure: see the module documentation.
 pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Plan {
+    // A pod still not ready at the boot deadline counts as failed: it is no capacity (so the
+    // plan replaces it) and it is terminated, like a dead pod.
+    let overdue: Vec<(PodId, Duration)> = view
+        .pods
+        .iter()
+        .filter(|p| p.is_boot_overdue(now, policy.boot_deadline))
+        .map(|p| (p.id.clone(), now.saturating_since(p.created_at)))
+        .collect();
+    let adjusted;
+    let view = if overdue.is_empty() {
+        view
+    } else {
+        adjusted = without_capacity(view, &overdue);
+        &adjusted
+    };
+
     let capacity_pods = count(view.capacity_pods());
     let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
+    let want = match policy.kind {
+        PolicyKind::Seed => seed::want(view, signals, policy, now),
+        PolicyKind::Target => target::want(view, signals, policy, now),
+    };
     let mut plan = Plan {
         at: now,
         policy: policy.kind,
-        demand_gpus: 0,
+        demand_gpus: want.demand_gpus,
+        served_gpus: served_gpus(want.demand_gpus, view, policy),
         baseline_gpus: view.baseline_gpus,
         desired_gpus: view.baseline_gpus.saturating_add(capacity_gpus),
         capacity_pods,
@@ -74,13 +97,16 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
             },
         });
     }
+    for (pod, waited) in overdue {
+        plan.steps.push(Step::Terminate {
+            pod,
+            reason: Reason::BootTimeout {
+                waited: Duration::from_secs(waited.as_secs()),
+            },
+        });
+    }
 
     let stale = stale_holds(signals, policy, now);
-    let want = match policy.kind {
-        PolicyKind::Seed => seed::want(view, signals, policy, now),
-        PolicyKind::Target => target::want(view, signals, policy, now),
-    };
-    plan.demand_gpus = want.demand_gpus;
     plan.holds.extend(want.holds.iter().cloned());
 
     let mut remaining: Vec<&PodView> = view.capacity_pods().collect();
@@ -141,6 +167,38 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
         .saturating_add(remaining_gpus)
         .saturating_add(launched.saturating_mul(policy.pod.gpus));
     plan
+}
+
+/// The view with the `pods` marked as no longer capacity (they still exist and bill).
+fn without_capacity(view: &ClusterView, pods: &[(PodId, Duration)]) -> ClusterView {
+    let mut adjusted = view.clone();
+    for pod in &mut adjusted.pods {
+        if pods.iter().any(|(id, _)| *id == pod.id) {
+            pod.draining = true;
+        }
+    }
+    adjusted
+}
+
+/// The value served to KEDA: `demand` limited only by what can ever be had, the baseline plus
+/// `max_pods` pods of the template (as many as `max_usd_per_hour` pays for), or the capacity
+/// that exists now when that is more.
+fn served_gpus(demand: u32, view: &ClusterView, policy: &Policy) -> u32 {
+    let price = policy.pod.usd_per_hour.dollars();
+    let affordable = if price <= 0.0 {
+        u32::MAX
+    } else {
+        // Truncation is the intent: whole pods within the budget.
+        ((policy.max_usd_per_hour.dollars() + Usd::EPSILON) / price)
+            .floor()
+            .clamp(0.0, f64::from(u32::MAX)) as u32
+    };
+    let runpod_ever = policy
+        .max_pods
+        .min(affordable)
+        .saturating_mul(policy.pod.gpus.max(1));
+    let capacity: u32 = view.capacity_pods().map(|p| p.gpus).sum();
+    demand.min(view.baseline_gpus.saturating_add(runpod_ever.max(capacity)))
 }
 
 fn count<I: Iterator>(it: I) -> u32 {

@@ -18,10 +18,14 @@ pub struct Plan {
     pub policy: PolicyKind,
     /// GPU workers demand asks for, before limits (what the signals say is needed).
     pub demand_gpus: u32,
+    /// The `gpu-demand` metric served to KEDA: `demand_gpus` limited only by what can ever be
+    /// had (the baseline plus `max_pods` pods, as far as `max_usd_per_hour` pays for them),
+    /// never by the per-tick launch rate or by pods still booting. 0 when there is no work.
+    pub served_gpus: u32,
     /// GPU workers the local baseline covers.
     pub baseline_gpus: u32,
-    /// GPU workers that will exist once the plan is applied: baseline plus RunPod capacity.
-    /// This is the value served to KEDA as the `gpu-demand` metric.
+    /// GPU workers that will exist once the plan is applied: baseline plus RunPod capacity
+    /// (what this tick leaves, launch rate and limits included).
     pub desired_gpus: u32,
     /// RunPod pods counted as capacity before the plan.
     pub capacity_pods: u32,
@@ -118,6 +122,12 @@ pub enum Reason {
         /// Its state.
         state: PodState,
     },
+    /// The pod did not become ready within the boot deadline: counted as failed and replaced.
+    BootTimeout {
+        /// How long it has existed without becoming ready.
+        #[serde(with = "humantime_serde")]
+        waited: Duration,
+    },
 }
 
 /// Why the plan does less than demand asks.
@@ -188,10 +198,11 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "plan at {} (policy {}): demand {} GPUs, baseline {}, RunPod pods {} -> {}, desired {} GPUs",
+            "plan at {} (policy {}): demand {} GPUs (served {}), baseline {}, RunPod pods {} -> {}, desired {} GPUs",
             self.at,
             self.policy,
             self.demand_gpus,
+            self.served_gpus,
             self.baseline_gpus,
             self.capacity_pods,
             self.target_pods,
@@ -254,6 +265,11 @@ impl fmt::Display for Reason {
             ),
             Reason::AboveMaximum { max_pods } => write!(f, "above max_pods {max_pods}"),
             Reason::NotServing { state } => write!(f, "pod is {state} and will not serve"),
+            Reason::BootTimeout { waited } => write!(
+                f,
+                "not ready after {}: counted as failed",
+                humantime::format_duration(Duration::from_secs(waited.as_secs()))
+            ),
         }
     }
 }

@@ -15,28 +15,34 @@ const JOBS_PER_POD: f64 = 10.0;
 /// Idle time before a pod may go (from the original design).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub(super) fn want(
-    view: &ClusterView,
-    signals: &Signals,
-    policy: &Policy,
-    _now: Timestamp,
-) -> Want {
+/// Pods the original rule wants for a queue depth and a latency verdict, `None` when it does
+/// not trigger.
+fn triggered_pods(depth: f64, slow: bool) -> Option<u32> {
+    (depth > QUEUE_TRIGGER || slow).then(|| {
+        // Truncating division is the original rule: 0..9 jobs → 1 pod, 10..19 → 2, …
+        (depth / JOBS_PER_POD).floor().min(f64::from(u32::MAX - 1)) as u32 + 1
+    })
+}
+
+pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Want {
     let per_pod = policy.pod.gpus.max(1);
     let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
+    let intervals = policy.stale_after_intervals;
     let queue = signals.queue.latest().map(|s| s.value);
-    let p95 = signals
-        .latency
-        .as_ref()
-        .and_then(|l| l.latest())
-        .map(|s| s.value);
+    let lag_fresh = signals.queue.is_fresh(now, intervals);
+    let latency = signals.latency.as_ref();
+    let p95 = latency.and_then(|l| l.latest()).map(|s| s.value);
+    let latency_fresh = latency.is_none_or(|l| l.is_fresh(now, intervals));
     let depth = queue.unwrap_or(0.0);
     let slow = p95.is_some_and(|p| p > policy.slo_p95_seconds);
 
-    if depth > QUEUE_TRIGGER || slow {
-        // Truncating division is the original rule: 0..9 jobs → 1 pod, 10..19 → 2, …
-        let wanted = (depth / JOBS_PER_POD).floor().min(f64::from(u32::MAX - 1)) as u32 + 1;
+    if let Some(wanted) = triggered_pods(depth, slow) {
         let pods = wanted.min(policy.max_pods);
         let gpus = pods.saturating_mul(per_pod).max(capacity_gpus);
+        // A stale signal holds what exists; only fresh ones add pods.
+        let fresh_gpus = triggered_pods(if lag_fresh { depth } else { 0.0 }, slow && latency_fresh)
+            .map_or(0, |p| p.min(policy.max_pods).saturating_mul(per_pod));
+        let acting = fresh_gpus.max(gpus.min(capacity_gpus));
         let reason = if depth > QUEUE_TRIGGER {
             Reason::QueueLag {
                 lag: depth,
@@ -50,7 +56,7 @@ pub(super) fn want(
         };
         return Want {
             demand_gpus: gpus,
-            runpod_gpus: gpus,
+            runpod_gpus: acting,
             reason,
             scale_down: None,
             holds: if wanted > policy.max_pods {

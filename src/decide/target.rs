@@ -1,7 +1,9 @@
 //! Target tracking: desired GPU workers = max(ceil(lag / lag_per_gpu), a latency step-up while
 //! p95 > SLO). The local baseline covers demand first and RunPod the rest, clamped to
 //! [min_pods, max_pods]. Scale-up is immediate; scale-down goes only to the highest demand seen
-//! in the stabilization window, and never while p95 was above the SLO in that window.
+//! in the stabilization window, and never while p95 was above the SLO in that window. A stale
+//! signal holds: its last value is still reported (and served to KEDA), but it neither adds
+//! capacity nor lets capacity go.
 
 use super::{ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Signals, Want};
 use crate::model::Timestamp;
@@ -20,17 +22,17 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
     let per_pod = policy.pod.gpus.max(1);
     let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
     let total_now = view.baseline_gpus.saturating_add(capacity_gpus);
+    let intervals = policy.stale_after_intervals;
     let mut holds = Vec::new();
 
     let latest_lag = signals.queue.latest();
     let lag = latest_lag.map_or(0.0, |s| s.value);
     let by_lag = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+    let lag_fresh = signals.queue.is_fresh(now, intervals);
 
-    let p95 = signals
-        .latency
-        .as_ref()
-        .and_then(|l| l.latest())
-        .map(|s| s.value);
+    let latency = signals.latency.as_ref();
+    let p95 = latency.and_then(|l| l.latest()).map(|s| s.value);
+    let latency_fresh = latency.is_none_or(|l| l.is_fresh(now, intervals));
     let slow = p95.filter(|&p| p > policy.slo_p95_seconds);
     let by_latency = match slow {
         None => 0,
@@ -52,6 +54,13 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
     };
 
     let demand_gpus = by_lag.max(by_latency);
+    // What acts: a stale signal holds the capacity that exists and never adds to it (a p95
+    // frozen above the SLO must not step capacity up tick after tick).
+    let hold = |gpus: u32, fresh: bool| if fresh { gpus } else { gpus.min(total_now) };
+    let acting_lag = hold(by_lag, lag_fresh);
+    let acting_latency = hold(by_latency, latency_fresh);
+    let acting = acting_lag.max(acting_latency);
+
     // Limits in GPUs; `launch` rounds up to whole pods.
     let clamp = |gpus: u32| -> u32 {
         gpus.clamp(
@@ -59,23 +68,19 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
             policy.max_pods.max(policy.min_pods).saturating_mul(per_pod),
         )
     };
-    let mut runpod_gpus = clamp(demand_gpus.saturating_sub(view.baseline_gpus));
-    if demand_gpus
-        .saturating_sub(view.baseline_gpus)
-        .div_ceil(per_pod)
-        > policy.max_pods
-    {
+    let mut runpod_gpus = clamp(acting.saturating_sub(view.baseline_gpus));
+    if acting.saturating_sub(view.baseline_gpus).div_ceil(per_pod) > policy.max_pods {
         holds.push(Hold::MaxPods {
             max_pods: policy.max_pods,
         });
     }
 
     let reason = match slow {
-        Some(p) if by_latency >= by_lag => Reason::LatencyAboveSlo {
+        Some(p) if acting_latency >= acting_lag && acting_latency > 0 => Reason::LatencyAboveSlo {
             p95_seconds: p,
             slo_seconds: policy.slo_p95_seconds,
         },
-        _ if demand_gpus.saturating_sub(view.baseline_gpus) == 0 && policy.min_pods > 0 => {
+        _ if acting.saturating_sub(view.baseline_gpus) == 0 && policy.min_pods > 0 => {
             Reason::BelowMinimum {
                 min_pods: policy.min_pods,
             }
@@ -95,10 +100,8 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
             .since(since)
             .map(|s| lag_gpus(s, policy.lag_per_gpu))
             .fold(by_lag, u32::max);
-        let breached = signals
-            .latency
-            .as_ref()
-            .is_some_and(|l| l.since(since).any(|s| s.value > policy.slo_p95_seconds));
+        let breached =
+            latency.is_some_and(|l| l.since(since).any(|s| s.value > policy.slo_p95_seconds));
         let window_gpus = if breached {
             capacity_gpus
         } else {

@@ -28,6 +28,7 @@ fn policy(kind: PolicyKind) -> Policy {
         scale_down_stabilization: Duration::from_secs(300),
         idle_timeout: Duration::from_secs(120),
         warmup_grace: Duration::from_secs(180),
+        boot_deadline: Duration::from_secs(600),
         stale_after_intervals: 3,
     }
 }
@@ -48,10 +49,11 @@ fn signals(lag: f64, p95: Option<f64>, age: Duration) -> Signals {
 fn pod(id: &str, state: PodState, age: Duration) -> PodView {
     PodView {
         id: PodId::from(id),
-        state,
         gpus: 1,
         usd_per_hour: Usd(0.5),
         created_at: NOW.minus(age),
+        ready: state == PodState::Running,
+        state,
         last_busy_at: None,
         draining: false,
     }
@@ -306,6 +308,148 @@ fn lag_demand_is_capped_at_the_workers_the_partitions_can_feed() {
     }
 }
 
+/// The policy of `examples/static.toml`: 2 baseline GPUs, 0–8 A5000 pods at $0.26/h within
+/// $4/h, 5 launches per tick, 100 messages of lag per GPU.
+fn static_example() -> Policy {
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = 8;
+    p.max_usd_per_hour = Usd(4.0);
+    p.max_launches_per_tick = 5;
+    p.pod.usd_per_hour = Usd(0.26);
+    p
+}
+
+#[test]
+fn served_demand_is_not_capped_by_the_launch_rate() {
+    let p = static_example();
+    // (lag, budget, demand, served, desired): the launch rate limits what one tick leaves
+    // (desired), never what KEDA is served; only max_pods and the budget cap that.
+    for (lag, budget, demand, served, desired) in [
+        (1000.0, 4.0, 10, 10, 7),
+        (5000.0, 4.0, 50, 10, 7),
+        (1000.0, 1.0, 10, 5, 5),
+        (150.0, 4.0, 2, 2, 2),
+        (0.0, 4.0, 0, 0, 2),
+    ] {
+        let mut p = p.clone();
+        p.max_usd_per_hour = Usd(budget);
+        let plan = decide(&view(2, vec![]), &signals(lag, Some(1.0), FRESH), &p, NOW);
+        assert_eq!(
+            (plan.demand_gpus, plan.served_gpus, plan.desired_gpus),
+            (demand, served, desired),
+            "lag {lag}, budget {budget}\n{plan}"
+        );
+    }
+}
+
+#[test]
+fn no_work_serves_zero_even_with_baseline_and_pods() {
+    // Empty queue, p95 fine: nothing to do, whatever exists (so KEDA can go to zero).
+    let plan = decide(
+        &view(2, old_running(3)),
+        &signals(0.0, Some(1.0), FRESH),
+        &static_example(),
+        NOW,
+    );
+    assert_eq!(plan.served_gpus, 0, "{plan}");
+    // p95 above the SLO is work even with an empty queue.
+    let plan = decide(
+        &view(2, old_running(3)),
+        &signals(0.0, Some(45.0), FRESH),
+        &static_example(),
+        NOW,
+    );
+    assert_eq!(plan.served_gpus, 6, "{plan}");
+}
+
+#[test]
+fn not_synced_still_serves_demand() {
+    let unsynced = ClusterView {
+        synced: false,
+        baseline_gpus: 2,
+        pods: vec![],
+    };
+    let plan = decide(
+        &unsynced,
+        &signals(1000.0, None, FRESH),
+        &static_example(),
+        NOW,
+    );
+    assert!(plan.steps.is_empty());
+    assert_eq!(plan.served_gpus, 10, "{plan}");
+}
+
+#[test]
+fn a_stale_p95_above_the_slo_does_not_ratchet_capacity_up() {
+    // Prometheus went down while p95 was 45 s (SLO 2 s): every tick sees the same old sample.
+    let p = policy(PolicyKind::Target);
+    let mut pods = old_running(2);
+    for tick in 0..10 {
+        let plan = decide(
+            &view(0, pods.clone()),
+            &signals(0.0, Some(45.0), STALE),
+            &p,
+            NOW,
+        );
+        assert_eq!(plan.launches(), 0, "tick {tick}\n{plan}");
+        assert_eq!(plan.terminations(), 0, "tick {tick}\n{plan}");
+        assert!(plan.holds.iter().any(|h| matches!(
+            h,
+            Hold::StaleSignal {
+                signal: SignalKind::LatencyP95,
+                ..
+            }
+        )));
+        pods = apply(&view(0, pods), &plan, NOW).pods;
+    }
+    // Fresh, the same p95 steps up.
+    let plan = decide(&view(0, pods), &signals(0.0, Some(45.0), FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 1, "{plan}");
+}
+
+#[test]
+fn a_pod_never_ready_is_replaced_after_the_boot_deadline() {
+    let p = policy(PolicyKind::Target); // boot deadline 10 min
+    let minutes = |m: u64| Duration::from_secs(60 * m);
+    let mut running_not_ready = pod("noip", PodState::Running, minutes(11));
+    running_not_ready.ready = false;
+    // (name, pod, terminated, launches) with lag asking for 1 RunPod GPU.
+    for (name, pod, terminated, launches) in [
+        (
+            "provisioning for 11 min",
+            pod("stuck", PodState::Provisioning, minutes(11)),
+            true,
+            1,
+        ),
+        ("running without SSH for 11 min", running_not_ready, true, 1),
+        (
+            "provisioning for 5 min",
+            pod("slow", PodState::Provisioning, minutes(5)),
+            false,
+            0,
+        ),
+        (
+            "ready after 11 min",
+            pod("fine", PodState::Running, minutes(11)),
+            false,
+            0,
+        ),
+    ] {
+        let plan = decide(&view(0, vec![pod]), &signals(100.0, None, FRESH), &p, NOW);
+        let timed_out = plan.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::Terminate {
+                    reason: Reason::BootTimeout { .. },
+                    ..
+                }
+            )
+        });
+        assert_eq!(timed_out, terminated, "{name}\n{plan}");
+        assert_eq!(plan.launches(), launches, "{name}\n{plan}");
+    }
+}
+
 #[test]
 fn budget_limits_launches() {
     let mut p = policy(PolicyKind::Target);
@@ -349,7 +493,7 @@ fn plan_renders_steps_and_holds() {
     let text = plan.to_string();
     assert_eq!(
         text,
-        "plan at 1970-01-12T13:46:40.000Z (policy target): demand 7 GPUs, baseline 2, RunPod pods 0 -> 3, desired 5 GPUs\n\
+        "plan at 1970-01-12T13:46:40.000Z (policy target): demand 7 GPUs (served 5), baseline 2, RunPod pods 0 -> 3, desired 5 GPUs\n\
          \x20 3 x launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
          \x20 hold: max_pods 3 reached\n"
     );
@@ -368,6 +512,7 @@ fn apply(view: &ClusterView, plan: &Plan, now: Timestamp) -> ClusterView {
                 gpus: *gpus,
                 usd_per_hour: *usd_per_hour,
                 created_at: now,
+                ready: false,
                 last_busy_at: None,
                 draining: false,
             }),
@@ -391,9 +536,11 @@ fn arb_state() -> impl Strategy<Value = PodState> {
 prop_compose! {
     fn arb_pod()(id in 0u32..1000, state in arb_state(), gpus in 1u32..=2,
                  price in 0.1f64..2.0, age in 0u64..7200, busy in proptest::option::of(0u64..7200),
-                 draining in proptest::bool::weighted(0.1)) -> PodView {
+                 draining in proptest::bool::weighted(0.1),
+                 ready in proptest::bool::weighted(0.9)) -> PodView {
         PodView {
             id: PodId(format!("p{id}")),
+            ready: ready && state == PodState::Running,
             state,
             gpus,
             usd_per_hour: Usd(price),
@@ -417,7 +564,8 @@ prop_compose! {
     fn arb_policy()(seed in proptest::bool::ANY, min_pods in 0u32..3, max_pods in 0u32..15,
                     budget in 0.0f64..20.0, rate in 1u32..20, gpus in 1u32..=2, price in 0.05f64..3.0,
                     lag_per_gpu in 1.0f64..500.0, slo in 0.5f64..10.0, step in 1u32..4,
-                    stab in 0u64..600, idle in 0u64..600, grace in 0u64..600) -> Policy {
+                    stab in 0u64..600, idle in 0u64..600, grace in 0u64..600,
+                    boot in 60u64..1800) -> Policy {
         Policy {
             kind: if seed { PolicyKind::Seed } else { PolicyKind::Target },
             min_pods: min_pods.min(max_pods),
@@ -431,6 +579,7 @@ prop_compose! {
             scale_down_stabilization: Duration::from_secs(stab),
             idle_timeout: Duration::from_secs(idle),
             warmup_grace: Duration::from_secs(grace),
+            boot_deadline: Duration::from_secs(boot),
             stale_after_intervals: 3,
         }
     }
@@ -439,12 +588,17 @@ prop_compose! {
 prop_compose! {
     fn arb_signals()(lags in proptest::collection::vec((0u64..900, 0.0f64..5000.0), 1..8),
                      p95 in proptest::option::of(proptest::collection::vec((0u64..900, 0.0f64..10.0), 1..8)),
-                     zero_lag in proptest::bool::weighted(0.3)) -> Signals {
+                     zero_lag in proptest::bool::weighted(0.3),
+                     max_workers in proptest::option::of(0u32..16)) -> Signals {
         let mut queue = Series::new(POLL, Duration::from_secs(900));
         let mut lags = lags;
         lags.sort_by_key(|a| std::cmp::Reverse(a.0));
         for (age, lag) in lags {
-            queue.push(Sample::at(if zero_lag { 0.0 } else { lag }, NOW.minus(Duration::from_secs(age))));
+            queue.push(Sample {
+                value: if zero_lag { 0.0 } else { lag },
+                observed_at: NOW.minus(Duration::from_secs(age)),
+                max_workers,
+            });
         }
         let latency = p95.map(|mut v| {
             v.sort_by_key(|a| std::cmp::Reverse(a.0));
@@ -456,6 +610,15 @@ prop_compose! {
         });
         Signals { queue, latency }
     }
+}
+
+/// `series` with every value replaced by `value` (times and worker limits kept).
+fn with_values(series: &Series, value: f64) -> Series {
+    let mut out = Series::new(series.poll_interval, Duration::from_secs(900));
+    for s in series.since(Timestamp::EPOCH) {
+        out.push(Sample { value, ..*s });
+    }
+    out
 }
 
 fn fresh(signals: &Signals, policy: &Policy) -> bool {
@@ -492,6 +655,37 @@ proptest! {
                 prop_assert!(!matches!(reason, Reason::Surplus { .. }), "{plan}");
             }
         }
+    }
+
+    #[test]
+    fn stale_signals_never_scale_up_on_their_own(view in arb_view(), signals in arb_signals(), policy in arb_policy(), other in 0.0f64..10_000.0) {
+        // Whatever value a stale signal last had, the plan launches exactly what it launches
+        // with that signal at 0 or at any other value: a stale signal holds, it does not act.
+        let intervals = policy.stale_after_intervals;
+        let plan = decide(&view, &signals, &policy, NOW);
+        if !signals.queue.is_fresh(NOW, intervals) {
+            for v in [0.0, other] {
+                let changed = Signals { queue: with_values(&signals.queue, v), ..signals.clone() };
+                let again = decide(&view, &changed, &policy, NOW);
+                prop_assert_eq!(plan.launches(), again.launches(), "stale lag at {}:\n{}\nvs\n{}", v, plan, again);
+            }
+        }
+        if let Some(latency) = signals.latency.as_ref().filter(|l| !l.is_fresh(NOW, intervals)) {
+            for v in [0.0, other] {
+                let changed = Signals { latency: Some(with_values(latency, v)), ..signals.clone() };
+                let again = decide(&view, &changed, &policy, NOW);
+                prop_assert_eq!(plan.launches(), again.launches(), "stale p95 at {}:\n{}\nvs\n{}", v, plan, again);
+            }
+        }
+    }
+
+    #[test]
+    fn served_demand_is_demand_within_what_can_ever_be_had(view in arb_view(), signals in arb_signals(), policy in arb_policy()) {
+        let plan = decide(&view, &signals, &policy, NOW);
+        let affordable = (policy.max_usd_per_hour.dollars() + Usd::EPSILON) / policy.pod.usd_per_hour.dollars();
+        let ever = (policy.max_pods as f64).min(affordable.floor()) as u32 * policy.pod.gpus;
+        let capacity: u32 = view.capacity_pods().filter(|p| !p.is_boot_overdue(NOW, policy.boot_deadline)).map(|p| p.gpus).sum();
+        prop_assert_eq!(plan.served_gpus, plan.demand_gpus.min(view.baseline_gpus + ever.max(capacity)), "{}", plan);
     }
 
     #[test]

@@ -28,8 +28,11 @@ pub struct PodView {
     pub gpus: u32,
     /// What it costs per hour now.
     pub usd_per_hour: Usd,
-    /// When it was created.
+    /// When it was created (or, when the provider does not say, when this autoscaler first saw
+    /// it: never "now", which would keep it young forever).
     pub created_at: Timestamp,
+    /// Serving: running, reachable and (once the reconciler joins pods) bootstrapped.
+    pub ready: bool,
     /// When it last ran work; `None` when unknown (idleness then counts from creation).
     pub last_busy_at: Option<Timestamp>,
     /// Being drained before termination: no longer counted as capacity.
@@ -42,10 +45,14 @@ impl PodView {
         !self.draining && self.state.is_live()
     }
 
-    /// True while the pod is booting or inside the warm-up grace after creation.
+    /// True while the pod is booting (not ready yet) or inside the warm-up grace after creation.
     pub fn is_warming(&self, now: Timestamp, grace: Duration) -> bool {
-        self.is_capacity()
-            && (self.state != PodState::Running || now.saturating_since(self.created_at) < grace)
+        self.is_capacity() && (!self.ready || now.saturating_since(self.created_at) < grace)
+    }
+
+    /// True when the pod still is not ready `deadline` after creation: it counts as failed.
+    pub fn is_boot_overdue(&self, now: Timestamp, deadline: Duration) -> bool {
+        self.is_capacity() && !self.ready && now.saturating_since(self.created_at) >= deadline
     }
 
     /// How long the pod has had nothing to do.
@@ -142,6 +149,8 @@ pub struct Policy {
     pub idle_timeout: Duration,
     /// New pods are neither removed nor judged during this long after creation.
     pub warmup_grace: Duration,
+    /// A pod not ready this long after creation counts as failed: terminated and replaced.
+    pub boot_deadline: Duration,
     /// A signal older than this many poll intervals is stale.
     pub stale_after_intervals: u32,
 }

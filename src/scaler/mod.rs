@@ -19,6 +19,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
+use tracing::debug;
 
 use crate::proto::external_scaler_server::{ExternalScaler, ExternalScalerServer};
 use crate::proto::{
@@ -176,6 +177,14 @@ fn value_of(snapshot: &Snapshot) -> f64 {
     }
 }
 
+/// The `scaler` metadata value of a parity trigger (a metric label).
+fn scaler_name(spec: &ParitySpec) -> &'static str {
+    match spec {
+        ParitySpec::Kafka { .. } => "kafka",
+        ParitySpec::Prometheus { .. } => "prometheus",
+    }
+}
+
 /// Integer form KEDA falls back to when the float is 0: the ceiling, saturated.
 fn ceil_i64(v: f64) -> i64 {
     // `as` saturates for out-of-range floats, which is the intent for huge values.
@@ -223,19 +232,19 @@ impl ExternalScaler for ScalerService {
         let mut snapshots = self.snapshots.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            // No snapshot yet is "unknown", not "inactive": nothing is sent until a tick ran.
             let active_now = |s: &Option<Arc<Snapshot>>| {
                 s.as_ref()
-                    .is_some_and(|s| value_of(s) > trigger.activation_threshold)
+                    .map(|s| value_of(s) > trigger.activation_threshold)
             };
-            let mut was_active = active_now(&snapshots.borrow_and_update());
-            if tx
-                .send(Ok(IsActiveResponse { result: was_active }))
-                .await
-                .is_err()
-            {
-                return;
-            }
+            let mut edges = ActivationEdges::default();
+            let mut state = active_now(&snapshots.borrow_and_update());
             loop {
+                if let Some(result) = edges.observe(state) {
+                    if tx.send(Ok(IsActiveResponse { result })).await.is_err() {
+                        return;
+                    }
+                }
                 tokio::select! {
                     // Ending the stream (dropping `tx`) closes it with status OK.
                     _ = shutdown.cancelled() => return,
@@ -244,13 +253,7 @@ impl ExternalScaler for ScalerService {
                         if changed.is_err() {
                             return;
                         }
-                        let active = active_now(&snapshots.borrow_and_update());
-                        if active && !was_active
-                            && tx.send(Ok(IsActiveResponse { result: true })).await.is_err()
-                        {
-                            return;
-                        }
-                        was_active = active;
+                        state = active_now(&snapshots.borrow_and_update());
                     }
                 }
             }
@@ -310,40 +313,64 @@ impl ExternalScaler for ScalerService {
 }
 
 impl ScalerService {
-    /// `StreamIsActive` for a parity trigger: the current state on open, then inactive→active
-    /// transitions as the cache refreshes; ends (OK) on shutdown.
+    /// `StreamIsActive` for a parity trigger: the current state once known, then
+    /// inactive→active transitions as the cache refreshes; a failed read sends nothing (the last
+    /// state stands) and is counted; ends (OK) on shutdown.
     fn parity_stream(&self, spec: ParitySpec) -> ActiveStream {
         // One message in flight is plenty: only transitions are sent.
         let (tx, rx) = mpsc::channel(2);
         let parity = Arc::clone(&self.parity);
         let shutdown = self.shutdown.clone();
+        let metrics = Arc::clone(&self.metrics);
         let every = parity.refresh_interval();
+        let scaler = scaler_name(&spec);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
-            let mut was_active: Option<bool> = None;
+            let mut edges = ActivationEdges::default();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
                     _ = ticks.tick() => {}
                 }
-                let active = parity.read(&spec).await.is_ok_and(|r| r.active);
-                let send = match was_active {
-                    None => true,
-                    Some(before) => active && !before,
+                let state = match parity.read(&spec).await {
+                    Ok(r) => Some(r.active),
+                    Err(e) => {
+                        debug!(scaler, error = %e, "StreamIsActive read failed; last state stands");
+                        metrics.stream_read_failure(scaler);
+                        None
+                    }
                 };
-                if send
-                    && tx
-                        .send(Ok(IsActiveResponse { result: active }))
-                        .await
-                        .is_err()
-                {
-                    return;
+                if let Some(result) = edges.observe(state) {
+                    if tx.send(Ok(IsActiveResponse { result })).await.is_err() {
+                        return;
+                    }
                 }
-                was_active = Some(active);
             }
         });
         Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// What a `StreamIsActive` stream sends as activation states are observed: the first known
+/// state, then only inactive→active transitions (KEDA ignores `false` pushes since 2.18 and
+/// reads deactivation through `IsActive`). An unknown state (no plan yet, a failed read) sends
+/// nothing and leaves the last known state in place: a failure is not "inactive".
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationEdges {
+    last: Option<bool>,
+}
+
+impl ActivationEdges {
+    /// The message to send for a newly observed state, if any.
+    pub fn observe(&mut self, state: Option<bool>) -> Option<bool> {
+        let now = state?;
+        let send = match self.last {
+            None => true,
+            Some(before) => now && !before,
+        };
+        self.last = Some(now);
+        send.then_some(now)
     }
 }
 
@@ -390,4 +417,31 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ActivationEdges;
+
+    #[test]
+    fn edges_send_the_first_known_state_then_rising_edges_only() {
+        // (observed states, messages sent)
+        let cases: [(&[Option<bool>], &[bool]); 6] = [
+            (&[Some(false), Some(true), Some(true)], &[false, true]),
+            (&[Some(true), Some(false), Some(true)], &[true, true]),
+            (&[Some(false), Some(false), Some(false)], &[false]),
+            // Unknown (no plan yet, failed read) sends nothing and keeps the last state.
+            (&[None, None, Some(true)], &[true]),
+            (&[Some(true), None, Some(true)], &[true]),
+            (
+                &[Some(false), None, None, Some(true), None, Some(false)],
+                &[false, true],
+            ),
+        ];
+        for (states, want) in cases {
+            let mut edges = ActivationEdges::default();
+            let sent: Vec<bool> = states.iter().filter_map(|s| edges.observe(*s)).collect();
+            assert_eq!(sent, want, "{states:?}");
+        }
+    }
 }

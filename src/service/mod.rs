@@ -298,6 +298,7 @@ impl Ticker {
                 .is_none_or(|p| p.steps != plan.steps || p.holds != plan.holds);
             if changed {
                 info!(
+                    served_gpus = plan.served_gpus,
                     desired_gpus = plan.desired_gpus,
                     steps = plan.steps.len(),
                     "{}",
@@ -338,6 +339,7 @@ impl Ticker {
         let m = &self.metrics;
         m.desired_gpus.set(f64::from(plan.desired_gpus));
         m.demand_gpus.set(f64::from(plan.demand_gpus));
+        m.served_gpus.set(f64::from(plan.served_gpus));
         m.baseline_gpus.set(f64::from(plan.baseline_gpus));
         m.runpod_pods.set(f64::from(plan.capacity_pods));
         for step in &plan.steps {

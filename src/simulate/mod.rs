@@ -77,7 +77,7 @@ impl Default for SimParams {
 /// The reference policy for comparisons when no configuration is given: the target policy,
 /// 0 to 20 one-GPU `NVIDIA RTX A5000` pods at $0.26/h, at most $12/h and 5 launches per tick,
 /// 3 jobs of lag per GPU, a 60 s p95 SLO with 1-GPU latency steps, 300 s scale-down
-/// stabilization and idle timeout, 180 s warm-up grace, stale after 3 intervals. Change `kind`
+/// stabilization and idle timeout, 180 s warm-up grace, a 10-minute boot deadline, stale after 3 intervals. Change `kind`
 /// to compare policies.
 pub fn default_policy() -> Policy {
     Policy {
@@ -99,6 +99,7 @@ pub fn default_policy() -> Policy {
         scale_down_stabilization: Duration::from_secs(300),
         idle_timeout: Duration::from_secs(300),
         warmup_grace: Duration::from_secs(180),
+        boot_deadline: Duration::from_secs(600),
         stale_after_intervals: 3,
     }
 }
@@ -170,6 +171,7 @@ impl SimPod {
             gpus: self.gpus,
             usd_per_hour: self.usd_per_hour,
             created_at: self.created_at,
+            ready: self.state == PodState::Running,
             last_busy_at: self.last_busy_at,
             draining: false,
         }

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import grpc
 import pytest
@@ -34,21 +35,37 @@ def stubs():
     return externalscaler_pb2, externalscaler_pb2_grpc
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(queue_value):
+    """`serve` on examples/static.toml with the fixed queue lag overridden through the
+    environment, on free loopback ports. Returns the process and its addresses."""
     assert BINARY.exists(), f"{BINARY} missing: build with `cargo build` first"
+    env = dict(os.environ, RUNPOD_AUTOSCALER__SIGNALS__QUEUE__VALUE=str(queue_value))
     proc = subprocess.Popen(
         [str(BINARY), "serve", "--config", str(ROOT / "examples" / "static.toml"),
          "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = proc.stdout.readline()
     assert line, f"server printed nothing; stderr: {proc.stderr.read()}"
-    addrs = json.loads(line)
-    yield proc, addrs
+    return proc, json.loads(line)
+
+
+def stop(proc):
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, addrs = start_server(1000)
+    yield proc, addrs
+    stop(proc)
+
+
+def debug_plan(addrs):
+    with urllib.request.urlopen(f"http://{addrs['http']}/debug/plan", timeout=5) as r:
+        return json.load(r)
 
 
 def ready_metrics(stub, pb2, ref, deadline=20):
@@ -78,22 +95,46 @@ def test_grpcio_client_reads_our_wire_format(stubs, server):
     assert spec.metricSpecs[0].targetSize == 1
     assert spec.metricSpecs[0].targetSizeFloat == 0.5
 
-    # examples/static.toml: lag 700 at 100 per GPU = 7 GPU workers; baseline 2 + 5 RunPod pods
-    # fit within max_pods 8 and $4/h at $0.26/h.
+    # examples/static.toml with a queue of 1000: at 100 per GPU that is 10 GPU workers, all of
+    # which can be had (baseline 2 + max_pods 8, and 8 pods at $0.26/h fit $4/h). KEDA is
+    # served 10, although one tick's plan only gets to 7 (2 + max_launches_per_tick 5).
     metrics = ready_metrics(stub, pb2, ref)
     assert len(metrics.metricValues) == 1
     assert metrics.metricValues[0].metricName == "gpu-demand"
-    assert metrics.metricValues[0].metricValue == 7
-    assert metrics.metricValues[0].metricValueFloat == 7.0
+    assert metrics.metricValues[0].metricValue == 10
+    assert metrics.metricValues[0].metricValueFloat == 10.0
+    plan = debug_plan(addrs)["plan"]
+    assert (plan["demand_gpus"], plan["served_gpus"], plan["desired_gpus"]) == (10, 10, 7)
 
     assert stub.IsActive(ref, timeout=3).result is True
-    high = pb2.ScaledObjectRef(name="w", namespace="m", scalerMetadata={"activationThreshold": "7"})
+    high = pb2.ScaledObjectRef(name="w", namespace="m", scalerMetadata={"activationThreshold": "10"})
     assert stub.IsActive(high, timeout=3).result is False
+    below = pb2.ScaledObjectRef(name="w", namespace="m", scalerMetadata={"activationThreshold": "9.5"})
+    assert stub.IsActive(below, timeout=3).result is True
 
     stream = stub.StreamIsActive(ref)
     first = next(stream)
     assert first.result is True
     stream.cancel()
+
+
+def test_no_work_is_inactive_and_zero_even_with_baseline_gpus(stubs):
+    pb2, pb2_grpc = stubs
+    proc, addrs = start_server(0)
+    try:
+        stub = pb2_grpc.ExternalScalerStub(grpc.insecure_channel(addrs["grpc"]))
+        ref = pb2.ScaledObjectRef(name="w", namespace="m", scalerMetadata={})
+        metrics = ready_metrics(stub, pb2, ref)
+        assert metrics.metricValues[0].metricValue == 0
+        assert stub.IsActive(ref, timeout=3).result is False
+        stream = stub.StreamIsActive(ref)
+        assert next(stream).result is False
+        stream.cancel()
+        # The 2 baseline GPUs still exist; they are just not demand.
+        plan = debug_plan(addrs)["plan"]
+        assert (plan["served_gpus"], plan["desired_gpus"]) == (0, 2)
+    finally:
+        stop(proc)
 
 
 def test_bad_metadata_is_invalid_argument(stubs, server):
