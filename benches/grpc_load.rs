@@ -1,24 +1,40 @@
-//! Load bench of `GetMetrics` over loopback: an open-loop load at a fixed rate from several
-//! concurrent HTTP/2 clients against the real tonic server, then a closed-loop saturation run.
-//! Prints p50/p90/p99/max latency and achieved requests/s.
+//! Load bench of `GetMetrics` over loopback, side by side in one run: our scaler (the real
+//! `scaler::serve` on a listener bound by the caller, as in `main`) and a bare tonic 0.14
+//! `ExternalScaler` that answers a constant from a server tonic binds itself (its defaults).
 //!
-//! Tune with RPA_LOAD_RPS (default 2000), RPA_LOAD_SECS (default 10), RPA_LOAD_CLIENTS (default 8).
+//! Two loads per server, servers alternating so neither gets a warmer machine:
+//! * closed loop, like `h2load -n N -c C -m M`: C HTTP/2 connections, M requests in flight on
+//!   each, N requests in all;
+//! * open loop: a fixed request rate spread over the C connections for a few seconds.
+//!
+//! Reports p50, p99, p99.9, max, requests above 10 ms and requests/s for each.
+//! Tune with RPA_LOAD_REQUESTS (40000), RPA_LOAD_CONNECTIONS (8), RPA_LOAD_STREAMS (8),
+//! RPA_LOAD_RPS (2000), RPA_LOAD_SECS (10). `cargo test --benches` runs a short smoke version.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Server};
+use tonic::{Request, Response, Status};
 
 use runpod_autoscaler::decide::{Plan, PolicyKind};
 use runpod_autoscaler::model::Timestamp;
 use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
-use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use runpod_autoscaler::proto::external_scaler_server::{ExternalScaler, ExternalScalerServer};
+use runpod_autoscaler::proto::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
 use runpod_autoscaler::scaler::{self, ScalerService};
 use runpod_autoscaler::snapshot::{self, Snapshot};
 use runpod_autoscaler::telemetry::Metrics;
+
+/// A request slower than this is a stall (loopback answers take ~1 ms under this load).
+const STALL: Duration = Duration::from_millis(10);
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -35,18 +51,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn report(name: &str, mut lat: Vec<Duration>, errors: usize, elapsed: Duration) {
+fn report(server: &str, load: &str, mut lat: Vec<Duration>, errors: usize, elapsed: Duration) {
     lat.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let stalls = lat.iter().filter(|d| **d > STALL).count();
     println!(
-        "{name}: {} ok, {errors} errors in {:.2}s = {:.0} req/s; latency p50 {:.0}µs p90 {:.0}µs p99 {:.0}µs max {:.0}µs",
+        "{server:<18} {load:<34} n={:<6} err={errors:<3} {:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  >10ms {stalls}",
         lat.len(),
-        elapsed.as_secs_f64(),
         lat.len() as f64 / elapsed.as_secs_f64(),
-        us(percentile(&lat, 0.50)),
-        us(percentile(&lat, 0.90)),
-        us(percentile(&lat, 0.99)),
-        us(*lat.last().unwrap_or(&Duration::ZERO)),
+        ms(percentile(&lat, 0.50)),
+        ms(percentile(&lat, 0.99)),
+        ms(percentile(&lat, 0.999)),
+        ms(*lat.last().unwrap_or(&Duration::ZERO)),
     );
 }
 
@@ -64,14 +80,56 @@ fn request() -> GetMetricsRequest {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run briefly then.
-    let quick = !std::env::args().any(|a| a == "--bench");
-    let rps = env("RPA_LOAD_RPS", 2000);
-    let secs = if quick { 1 } else { env("RPA_LOAD_SECS", 10) };
-    let clients = env("RPA_LOAD_CLIENTS", 8).max(1) as usize;
+/// The peer: tonic's generated service answering constants, nothing else.
+struct Bare;
 
+#[tonic::async_trait]
+impl ExternalScaler for Bare {
+    async fn is_active(
+        &self,
+        _: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        Ok(Response::new(IsActiveResponse { result: true }))
+    }
+
+    type StreamIsActiveStream = tokio_stream::Empty<Result<IsActiveResponse, Status>>;
+
+    async fn stream_is_active(
+        &self,
+        _: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        Ok(Response::new(tokio_stream::empty()))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        _: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: "gpu-demand".into(),
+                target_size: 1,
+                target_size_float: 1.0,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        _: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name: "gpu-demand".into(),
+                metric_value: 7,
+                metric_value_float: 7.0,
+            }],
+        }))
+    }
+}
+
+/// Our scaler on a listener bound here, serving a fixed snapshot.
+async fn start_ours(shutdown: CancellationToken) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = snapshot::channel();
@@ -81,8 +139,8 @@ async fn main() {
             at: Timestamp::from_secs(1),
             policy: PolicyKind::Target,
             demand_gpus: 7,
-            baseline_gpus: 2,
             served_gpus: 7,
+            baseline_gpus: 2,
             desired_gpus: 7,
             capacity_pods: 5,
             target_pods: 5,
@@ -92,26 +150,95 @@ async fn main() {
         signals: vec![],
         mode: "advisory",
     })));
-    let shutdown = CancellationToken::new();
     let service = ScalerService::new(rx, shutdown.clone(), Arc::new(Metrics::new()));
-    let server = tokio::spawn(scaler::serve(listener, service, None));
+    tokio::spawn(async move {
+        // Keep the sender alive as long as the server.
+        let _tx = tx;
+        scaler::serve(listener, service, None).await
+    });
+    addr
+}
 
-    let mut pool: Vec<ExternalScalerClient<Channel>> = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        pool.push(
-            ExternalScalerClient::connect(format!("http://{addr}"))
-                .await
-                .expect("connect"),
-        );
+/// The bare tonic server on a free port it binds itself (tonic's default socket options).
+async fn start_bare(shutdown: CancellationToken) -> SocketAddr {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    tokio::spawn(
+        Server::builder()
+            .add_service(ExternalScalerServer::new(Bare))
+            .serve_with_shutdown(addr, shutdown.cancelled_owned()),
+    );
+    addr
+}
+
+async fn connect(addr: SocketAddr, connections: usize) -> Vec<ExternalScalerClient<Channel>> {
+    let mut pool = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        // The server may still be binding: retry briefly.
+        let mut tries = 0;
+        let client = loop {
+            match ExternalScalerClient::connect(format!("http://{addr}")).await {
+                Ok(c) => break c,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("connecting to {addr}: {e}"),
+            }
+        };
+        pool.push(client);
     }
-    // Warm-up.
     for c in &mut pool {
         for _ in 0..50 {
             c.get_metrics(request()).await.expect("warm-up");
         }
     }
+    pool
+}
 
-    // Open loop: every millisecond, start rps/1000 requests spread round-robin over clients.
+/// Closed loop: `streams` requests in flight on each connection, `total` requests in all.
+async fn closed_loop(
+    pool: &[ExternalScalerClient<Channel>],
+    streams: usize,
+    total: usize,
+) -> (Vec<Duration>, usize, Duration) {
+    let workers = pool.len() * streams;
+    let per_worker = total.div_ceil(workers);
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let mut client = pool[w % pool.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_worker);
+            let mut errors = 0usize;
+            for _ in 0..per_worker {
+                let t = Instant::now();
+                match client.get_metrics(request()).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::with_capacity(total), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("client task");
+        lat.extend(l);
+        errors += e;
+    }
+    (lat, errors, t0.elapsed())
+}
+
+/// Open loop: `rps` requests per second for `secs`, started on a 1 ms schedule whatever the
+/// answers do, round-robin over the connections.
+async fn open_loop(
+    pool: &[ExternalScalerClient<Channel>],
+    rps: u64,
+    secs: u64,
+) -> (Vec<Duration>, usize, Duration) {
     let per_ms = (rps as f64 / 1000.0).max(0.001);
     let total = (rps * secs) as usize;
     let inflight = Arc::new(Semaphore::new(1024));
@@ -119,14 +246,13 @@ async fn main() {
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sent = 0usize;
-    let mut budget = 0.0f64;
+    let (mut sent, mut budget) = (0usize, 0.0f64);
     while sent < total {
         ticker.tick().await;
         budget += per_ms;
         while budget >= 1.0 && sent < total {
             budget -= 1.0;
-            let mut client = pool[sent % clients].clone();
+            let mut client = pool[sent % pool.len()].clone();
             let permit = Arc::clone(&inflight)
                 .acquire_owned()
                 .await
@@ -142,53 +268,49 @@ async fn main() {
         }
     }
     drop(lat_tx);
-    let mut lat = Vec::with_capacity(total);
-    let mut errors = 0;
+    let (mut lat, mut errors) = (Vec::with_capacity(total), 0);
     while let Some(r) = lat_rx.recv().await {
         match r {
             Some(d) => lat.push(d),
             None => errors += 1,
         }
     }
-    report(
-        &format!("open loop at {rps} req/s target, {clients} clients"),
-        lat,
-        errors,
-        start.elapsed(),
-    );
+    (lat, errors, start.elapsed())
+}
 
-    // Closed loop: each client issues requests back to back for the same duration.
-    let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for c in &pool {
-        let mut client = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0usize;
-            while t0.elapsed() < Duration::from_secs(secs) {
-                let t = Instant::now();
-                match client.get_metrics(request()).await {
-                    Ok(_) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await.expect("client task");
-        lat.extend(l);
-        errors += e;
-    }
-    report(
-        &format!("closed loop, {clients} clients"),
-        lat,
-        errors,
-        t0.elapsed(),
-    );
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run briefly then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let total = if quick {
+        400
+    } else {
+        env("RPA_LOAD_REQUESTS", 40_000) as usize
+    };
+    let connections = env("RPA_LOAD_CONNECTIONS", 8).max(1) as usize;
+    let streams = env("RPA_LOAD_STREAMS", 8).max(1) as usize;
+    let rps = env("RPA_LOAD_RPS", 2000);
+    let secs = if quick { 1 } else { env("RPA_LOAD_SECS", 10) };
 
+    let shutdown = CancellationToken::new();
+    let servers = [
+        ("runpod-autoscaler", start_ours(shutdown.clone()).await),
+        ("bare tonic", start_bare(shutdown.clone()).await),
+    ];
+    let mut pools = Vec::new();
+    for (_, addr) in &servers {
+        pools.push(connect(*addr, connections).await);
+    }
+
+    let closed = format!("closed loop -c {connections} -m {streams}");
+    for ((name, _), pool) in servers.iter().zip(&pools) {
+        let (lat, errors, elapsed) = closed_loop(pool, streams, total).await;
+        report(name, &closed, lat, errors, elapsed);
+    }
+    let open = format!("open loop {rps} req/s, {connections} conns");
+    for ((name, _), pool) in servers.iter().zip(&pools) {
+        let (lat, errors, elapsed) = open_loop(pool, rps, secs).await;
+        report(name, &open, lat, errors, elapsed);
+    }
     shutdown.cancel();
-    let _ = server.await;
 }

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
+mod support;
+
 use runpod_autoscaler::decide::{Plan, PolicyKind};
 use runpod_autoscaler::model::Timestamp;
 use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
@@ -132,6 +134,30 @@ async fn defaults_and_every_rpc() {
 
     server.shutdown.cancel();
     server.handle.await.unwrap().unwrap();
+}
+
+/// Every connection the server accepted on `addr` has `TCP_NODELAY` (no Nagle stalls waiting
+/// for the client's delayed ACK); there is at least one.
+fn assert_nodelay(addr: std::net::SocketAddr) {
+    let accepted = support::accepted_nodelay(addr);
+    assert!(
+        !accepted.is_empty(),
+        "no accepted connection found on {addr}"
+    );
+    assert!(
+        accepted.iter().all(|on| *on),
+        "TCP_NODELAY off on accepted connections: {accepted:?}"
+    );
+}
+
+#[tokio::test]
+async fn accepted_connections_have_tcp_nodelay() {
+    let server = start(None).await;
+    server.snapshots.send_replace(snapshot_with(3));
+    let mut c = client(server.addr).await;
+    c.get_metrics(metrics_request(&object(&[]))).await.unwrap();
+    assert_nodelay(server.addr);
+    server.shutdown.cancel();
 }
 
 #[tokio::test]
@@ -429,6 +455,7 @@ async fn server_tls() {
         .unwrap()
         .into_inner();
     assert_eq!(m.metric_values[0].metric_value, 3);
+    assert_nodelay(server.addr);
 
     // A plaintext client cannot talk to a TLS server.
     let mut plain = client(server.addr).await;

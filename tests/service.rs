@@ -75,6 +75,24 @@ async fn http_endpoints_serve_the_published_plan() {
     assert_eq!(plan["signals"][0]["signal"], "queue_lag");
     assert_eq!(plan["signals"][0]["fresh"], true);
 
+    // The HTTP server sets TCP_NODELAY on what it accepts (read back while a keep-alive
+    // connection is open).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(http).await.unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let accepted = support::accepted_nodelay(http);
+        assert!(
+            !accepted.is_empty() && accepted.iter().all(|on| *on),
+            "{accepted:?}"
+        );
+    }
+
     let (status, metrics) = get(http, "/metrics").await;
     assert_eq!(status, 200);
     assert!(

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -374,6 +375,14 @@ impl ActivationEdges {
     }
 }
 
+/// Connections accepted on `listener`, with `TCP_NODELAY` set on each. tonic sets it only on
+/// listeners it binds itself; without it, Nagle's algorithm holds a response's last small
+/// frame until the client's delayed ACK (~40 ms on Linux), a stall KEDA would see on a fraction
+/// of its calls.
+fn accepting(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Serves the scaler and `grpc.health.v1` on `listener` until `shutdown` fires. Health turns
 /// SERVING once the first snapshot is published.
 pub async fn serve(
@@ -414,7 +423,7 @@ pub async fn serve(
     builder
         .add_service(health_service)
         .add_service(ExternalScalerServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(accepting(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -191,6 +192,13 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
     let http = parts.http;
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
+        // TCP_NODELAY on every accepted connection, as on the gRPC side: small answers must
+        // not wait for the client's delayed ACK.
+        let http = http.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(error = %e, "could not set TCP_NODELAY on an HTTP connection");
+            }
+        });
         let result = axum::serve(http, app)
             .with_graceful_shutdown(http_shutdown.clone().cancelled_owned())
             .await;

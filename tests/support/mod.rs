@@ -37,6 +37,43 @@ fn binary(var: &str) -> PathBuf {
     }
 }
 
+/// `TCP_NODELAY` of every connection this process accepted on `server` (the server side of each
+/// TCP connection to that address, found among the process's open descriptors). Tests run
+/// servers in-process, so the sockets they accepted are here to read back.
+pub fn accepted_nodelay(server: SocketAddr) -> Vec<bool> {
+    use std::os::fd::BorrowedFd;
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the descriptor is open (listed just now) and only borrowed for these calls;
+        // a race with its closing makes the calls fail, which skips it.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+        let connected = sock.peer_addr().is_ok();
+        if local == Some(server) && connected {
+            if let Ok(nodelay) = sock.tcp_nodelay() {
+                out.push(nodelay);
+            }
+        }
+    }
+    out
+}
+
 /// A free loopback port (bound then released; the component binds it right after).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
