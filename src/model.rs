@@ -219,6 +219,26 @@ impl fmt::Display for PodState {
     }
 }
 
+/// Which RunPod cloud a pod runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    /// RunPod's own data centers.
+    Secure,
+    /// Community hosts (cheaper, less reliable).
+    Community,
+}
+
+impl Cloud {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cloud::Secure => "SECURE",
+            Cloud::Community => "COMMUNITY",
+        }
+    }
+}
+
 /// One poll of a demand signal.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Reading {

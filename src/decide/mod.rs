@@ -6,6 +6,7 @@
 //! `max_launches_per_tick`, counting pods still booting), never scales down on a stale signal,
 //! and removes only pods past their warm-up grace and idle timeout.
 
+pub mod offers;
 mod plan;
 mod seed;
 mod series;

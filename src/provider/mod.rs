@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use crate::model::Cloud;
 use crate::model::{GpuTypeId, PodId, PodState, Timestamp, Usd};
 
 /// A provider failure. Exactly these kinds; [`ProviderError::is_retryable`] tells whether the
@@ -75,25 +76,6 @@ impl ProviderError {
             self,
             ProviderError::RateLimited { .. } | ProviderError::Transient { .. }
         )
-    }
-}
-
-/// Which RunPod cloud a pod runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum Cloud {
-    /// RunPod's own data centers.
-    Secure,
-    /// Community hosts (cheaper, less reliable).
-    Community,
-}
-
-impl Cloud {
-    /// The API's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cloud::Secure => "SECURE",
-            Cloud::Community => "COMMUNITY",
-        }
     }
 }
 
