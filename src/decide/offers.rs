@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Cloud, GpuTypeId, Timestamp, Usd};
 
@@ -78,7 +78,7 @@ impl Quote {
 }
 
 /// Which market a pod is bought on: (GPU type, cloud, spot or not).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MarketKey {
     /// GPU type id.
     pub gpu_type: GpuTypeId,

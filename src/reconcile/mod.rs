@@ -2,6 +2,7 @@
 //! [`crate::decide::ClusterView`] ([`observe`]). Executing plans (launch, join, drain,
 //! terminate) builds on it.
 
+pub mod claims;
 pub mod observe;
 
 pub use observe::PodObserver;
