@@ -258,7 +258,7 @@ async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
                     "injected error after a successful create",
                 ));
             }
-            match world.pod_json(&id) {
+            match world.pod_json_fresh(&id) {
                 Ok(v) => ok_json(StatusCode::CREATED, v),
                 Err(p) => problem(p),
             }

@@ -147,6 +147,10 @@ pub struct Faults {
     /// Spot pods are preempted (RUNNING → EXITED, sshd killed) after running this long.
     #[serde(with = "humantime_serde")]
     pub preempt_spot_after: Option<Duration>,
+    /// RunPod's listing lag: a new pod is missing from `GET /v2/pods/{id}` (404), `GET
+    /// /v2/pods` and GraphQL pod queries for this long after creation (emulator clock).
+    #[serde(with = "humantime_serde")]
+    pub hide_new_pods_for: Duration,
 }
 
 /// The catalog of `shared/reference/runpod.md` with 20 free GPUs of each type.

@@ -58,7 +58,11 @@ struct PodRecord {
     ports: Vec<String>,
     disk: u32,
     data_center_id: String,
-    start_ssh: bool,
+    /// Runs an sshd when RUNNING: an official image starts one whenever `PUBLIC_KEY` is set
+    /// and 22/tcp is exposed (whether the key came from the request or from `startSsh`).
+    ssh_capable: bool,
+    /// Missing from GET and list (RunPod's listing lag) until this time.
+    visible_at: Timestamp,
     /// Spot bid per GPU-hour; `None` = on-demand.
     bid: Option<f64>,
     /// Price per GPU-hour while running.
@@ -266,7 +270,7 @@ impl World {
             pod.status = PodState::Running;
             pod.started_at = Some(now);
         }
-        if sshd_on && !pod.never_ready && pod.start_ssh {
+        if sshd_on && !pod.never_ready && pod.ssh_capable {
             if let Some(host_key) = host_key {
                 match SshdProcess::spawn(&binary, &work_dir, id, &host_key, &pod.keys) {
                     Ok(p) => pod.sshd = Some(p),
@@ -385,15 +389,23 @@ impl World {
         self.stock.insert(gpu.id.clone(), free - req.gpu_count);
         let id = self.new_id();
         let now = self.clock.now();
-        let mut keys: Vec<String> = Vec::new();
-        if let Some(k) = req.env.get("PUBLIC_KEY") {
-            keys.extend(
-                k.lines()
-                    .map(str::to_owned)
-                    .filter(|l| !l.trim().is_empty()),
-            );
+        // `startSsh` only injects the account's keys as PUBLIC_KEY (unless the request already
+        // sets one); with no keys registered it does nothing.
+        let mut env = req.env;
+        if req.start_ssh && !env.contains_key("PUBLIC_KEY") && !self.ssh_keys.is_empty() {
+            env.insert("PUBLIC_KEY".into(), self.ssh_keys.join("\n"));
         }
-        keys.extend(self.ssh_keys.iter().cloned());
+        let keys: Vec<String> = env
+            .get("PUBLIC_KEY")
+            .map(|k| {
+                k.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exposes_ssh = req.ports.iter().any(|p| p.trim() == "22/tcp");
         let pod = PodRecord {
             id: id.clone(),
             name: req.name,
@@ -401,7 +413,7 @@ impl World {
             gpu_type: gpu.id.clone(),
             gpu_count: req.gpu_count,
             cloud: req.cloud,
-            env: req.env,
+            env,
             ports: req.ports,
             disk: req.disk,
             data_center_id: req
@@ -409,7 +421,8 @@ impl World {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| DATA_CENTERS[0].to_owned()),
-            start_ssh: req.start_ssh,
+            ssh_capable: exposes_ssh && !keys.is_empty(),
+            visible_at: now.plus(self.faults.hide_new_pods_for),
             bid: req.bid,
             price,
             status: PodState::Provisioning,
@@ -446,7 +459,21 @@ impl World {
             .filter(|p| p.status != PodState::Terminated)
     }
 
+    /// Live and past its listing lag (`faults.hide_new_pods_for`): what GET and list show.
+    fn visible(&self, id: &str) -> Option<&PodRecord> {
+        let now = self.clock.now();
+        self.live(id).filter(|p| now >= p.visible_at)
+    }
+
+    /// `GET /v2/pods/{id}`: 404 when gone or not yet visible.
     pub(super) fn pod_json(&self, id: &str) -> Result<Value, Problem> {
+        self.visible(id)
+            .map(|p| self.render(p))
+            .ok_or_else(|| Problem::not_found(id))
+    }
+
+    /// The pod as a create or an action answers it (never hidden: the caller just made it).
+    pub(super) fn pod_json_fresh(&self, id: &str) -> Result<Value, Problem> {
         self.live(id)
             .map(|p| self.render(p))
             .ok_or_else(|| Problem::not_found(id))
@@ -456,7 +483,7 @@ impl World {
         let pods: Vec<Value> = self
             .order
             .iter()
-            .filter_map(|id| self.live(id))
+            .filter_map(|id| self.visible(id))
             .map(|p| self.render(p))
             .collect();
         json!({ "pods": pods })
@@ -536,7 +563,7 @@ impl World {
                 ))
             }
         }
-        self.pod_json(id)
+        self.pod_json_fresh(id)
     }
 
     pub(super) fn catalog_json(&self, availability: bool) -> Value {
