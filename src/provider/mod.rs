@@ -66,6 +66,21 @@ pub enum ProviderError {
         /// The provider's explanation (problem+json `detail`, plus `errors` when given).
         detail: String,
     },
+    /// The call's overall deadline passed before it finished. A launch cut off this way is
+    /// ambiguous: the pod may exist, so look it up by name before launching again.
+    #[error("{op} did not finish within its {deadline:?} deadline")]
+    Timeout {
+        /// The public call (`launch`, `list`, …).
+        op: String,
+        /// The deadline it had.
+        deadline: Duration,
+    },
+    /// Shutdown cancelled the call. Not retried: the process is stopping.
+    #[error("{op} cancelled by shutdown")]
+    Cancelled {
+        /// The public call (`launch`, `list`, …).
+        op: String,
+    },
 }
 
 impl ProviderError {
@@ -73,7 +88,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ProviderError::RateLimited { .. } | ProviderError::Transient { .. }
+            ProviderError::RateLimited { .. }
+                | ProviderError::Transient { .. }
+                | ProviderError::Timeout { .. }
         )
     }
 }
