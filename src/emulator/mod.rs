@@ -8,6 +8,7 @@
 //! pod is a real `sshd` on its own 127.0.0.1 port (see [`sshd`]) unless `sshd = false`.
 //! Never used by production code paths.
 
+mod graphql;
 mod http;
 /// Real sshd processes for RUNNING pods (also key generation for tests).
 pub mod sshd;
