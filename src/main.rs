@@ -69,6 +69,7 @@ enum Command {
         output: Output,
     },
     /// Run the RunPod API emulator (REST v2 + GraphQL subset, sshd-backed pods, faults).
+    #[cfg(feature = "emulator")]
     Emulator {
         /// Listen address (port 0 picks a free one; the chosen address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -167,6 +168,7 @@ fn main() -> ExitCode {
             config,
             output,
         } => run_simulation(&traces, policy, config.as_deref(), output),
+        #[cfg(feature = "emulator")]
         Command::Emulator {
             listen,
             api_key,
@@ -441,6 +443,7 @@ async fn probe(addr: String, metadata: Vec<(String, String)>) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "emulator")]
 async fn run_emulator(
     listen: SocketAddr,
     api_key: Option<String>,

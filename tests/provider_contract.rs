@@ -2,6 +2,8 @@
 //! client uses and every injected fault, asserting the typed error and the retry behaviour.
 //! Time in the emulator is a `ManualClock` the tests advance; the client's waits go through a
 //! recording sleeper (real waits only where the test is about waiting at least Retry-After).
+// Needs the emulator (the `emulator` cargo feature, on by default).
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::future::Future;

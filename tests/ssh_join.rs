@@ -2,6 +2,8 @@
 //! endpoint the API reports, authorizing the key injected as `PUBLIC_KEY`. Login works; after
 //! terminate it is refused and the sshd process is gone. Needs `/usr/sbin/sshd`
 //! (`scripts/test.sh` installs openssh-server).
+// Needs the emulator (the `emulator` cargo feature, on by default).
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,12 +1,14 @@
 //! A RunPod API emulator for tests and local demos: REST v2 pods, actions, GPU catalog, billing
-//! and SSH keys, plus the GraphQL subset the client uses (`gpuTypes`, `podRentInterruptable`,
-//! `podTerminate`), with the spec's shapes, status codes and RFC 9457 problem+json errors,
+//! and SSH keys, plus the GraphQL that RunPod's public clients use (parsed and answered field
+//! by field, see `graphql`), with the spec's shapes, status codes and RFC 9457 problem+json errors,
 //! Bearer auth, a clock the caller injects, per-type stock, per-second cost accrual, seeded
 //! fault injection, and admin endpoints for tests (`/admin/...`, unauthenticated, loopback).
 //!
 //! Pods go PROVISIONING → STARTING (half the boot delay) → RUNNING (the boot delay); a RUNNING
 //! pod is a real `sshd` on its own 127.0.0.1 port (see [`sshd`]) unless `sshd = false`.
-//! Never used by production code paths.
+//! Never used by production code paths; compiled only with the `emulator` cargo feature (on by
+//! default, off in the image).
+#![cfg(feature = "emulator")]
 
 mod graphql;
 mod http;

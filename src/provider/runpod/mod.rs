@@ -513,7 +513,7 @@ impl RunPodClient {
         let mut waits = PropagationWaits::default();
         loop {
             if let Some(p) = self.find_by_name(budget, name).await? {
-                return Ok(Lookup::Found(p));
+                return Ok(Lookup::Found(Box::new(p)));
             }
             let Some(d) = waits.next() else {
                 return Ok(Lookup::Absent);
@@ -613,7 +613,7 @@ impl RunPodClient {
                     match self.await_by_name(budget, &full_name).await? {
                         Lookup::Found(p) => {
                             warn!(pod = %p.id, name = %full_name, "create failed ambiguously but the pod exists; adopting it");
-                            return Ok(p);
+                            return Ok(*p);
                         }
                         // Not there after the whole window: it was not created.
                         Lookup::Absent => Duration::ZERO,
@@ -755,7 +755,7 @@ struct Budget {
 /// What a lookup over the propagation window found.
 enum Lookup {
     /// The pod is there.
-    Found(Pod),
+    Found(Box<Pod>),
     /// The whole window passed without it.
     Absent,
     /// The window did not fit the call's deadline.
