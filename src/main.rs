@@ -128,6 +128,9 @@ enum PodsCommand {
         /// Do not ask (required when stdin is not a terminal).
         #[arg(long)]
         yes: bool,
+        /// Terminate the pod even if it lacks our owner marker (name prefix and RPA_OWNER).
+        #[arg(long, conflicts_with = "all_owned")]
+        force: bool,
         /// Configuration file (only its `[runpod]` table is read).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -186,8 +189,9 @@ fn main() -> ExitCode {
                         id,
                         all_owned,
                         yes,
+                        force,
                         config,
-                    } => cli::pods_terminate(config.as_deref(), id, all_owned, yes).await,
+                    } => cli::pods_terminate(config.as_deref(), id, all_owned, yes, force).await,
                 }
             })
         }),

@@ -129,8 +129,31 @@ impl OwnerMarker {
 
     /// True when a pod with this name and environment is ours.
     pub fn owns(&self, name: &str, env: &BTreeMap<String, String>) -> bool {
-        name.starts_with(&self.name_prefix)
-            && env.get(Self::ENV).map(String::as_str) == Some(self.owner.as_str())
+        self.why_not_owned(name, env).is_none()
+    }
+
+    /// Why a pod with this name and environment is not ours (`None` when it is), naming the
+    /// marker that does not match and the setting behind it.
+    pub fn why_not_owned(&self, name: &str, env: &BTreeMap<String, String>) -> Option<String> {
+        if !name.starts_with(&self.name_prefix) {
+            return Some(format!(
+                "its name {name:?} does not start with {:?} (runpod.name_prefix)",
+                self.name_prefix
+            ));
+        }
+        match env.get(Self::ENV) {
+            None => Some(format!(
+                "it has no {} env var (ours carry {:?}, runpod.owner)",
+                Self::ENV,
+                self.owner
+            )),
+            Some(o) if *o != self.owner => Some(format!(
+                "its {} is {o:?}, not {:?} (runpod.owner)",
+                Self::ENV,
+                self.owner
+            )),
+            Some(_) => None,
+        }
     }
 }
 
@@ -272,6 +295,35 @@ pub struct Offering {
     pub minimum_bid_usd: Option<Usd>,
     /// Current stock for pods.
     pub stock: Stock,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_says_which_marker_does_not_match() {
+        let m = OwnerMarker::default();
+        let env = |o: Option<&str>| {
+            o.map(|o| BTreeMap::from([(OwnerMarker::ENV.to_owned(), o.to_owned())]))
+                .unwrap_or_default()
+        };
+        assert!(m.owns("rpa-a", &env(Some("runpod-autoscaler"))));
+        let why = m
+            .why_not_owned("manual", &env(Some("runpod-autoscaler")))
+            .unwrap();
+        assert!(
+            why.contains("\"rpa-\"") && why.contains("runpod.name_prefix"),
+            "{why}"
+        );
+        let why = m.why_not_owned("rpa-a", &env(None)).unwrap();
+        assert!(why.contains("no RPA_OWNER"), "{why}");
+        let why = m.why_not_owned("rpa-a", &env(Some("other"))).unwrap();
+        assert!(
+            why.contains("\"other\"") && why.contains("runpod.owner"),
+            "{why}"
+        );
+    }
 }
 
 /// A GPU cloud the autoscaler can launch pods on.
