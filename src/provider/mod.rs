@@ -297,6 +297,26 @@ pub struct Offering {
     pub stock: Stock,
 }
 
+/// A GPU cloud the autoscaler can launch pods on.
+#[async_trait]
+pub trait CloudProvider: Send + Sync {
+    /// Creates a pod. An ambiguous failure (5xx, timeout) is followed by a lookup by name
+    /// before any retry, so a pod is never created twice.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError>;
+
+    /// One pod by id; `Ok(None)` when it does not exist.
+    async fn get(&self, id: &PodId) -> Result<Option<Pod>, ProviderError>;
+
+    /// Every pod this autoscaler owns (owner marker), in any state.
+    async fn list(&self) -> Result<Vec<Pod>, ProviderError>;
+
+    /// Terminates a pod for good. A pod that is already gone counts as done (`Ok`).
+    async fn terminate(&self, id: &PodId) -> Result<(), ProviderError>;
+
+    /// GPU types with on-demand and spot prices and current stock.
+    async fn offerings(&self) -> Result<Vec<Offering>, ProviderError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,24 +344,4 @@ mod tests {
             "{why}"
         );
     }
-}
-
-/// A GPU cloud the autoscaler can launch pods on.
-#[async_trait]
-pub trait CloudProvider: Send + Sync {
-    /// Creates a pod. An ambiguous failure (5xx, timeout) is followed by a lookup by name
-    /// before any retry, so a pod is never created twice.
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError>;
-
-    /// One pod by id; `Ok(None)` when it does not exist.
-    async fn get(&self, id: &PodId) -> Result<Option<Pod>, ProviderError>;
-
-    /// Every pod this autoscaler owns (owner marker), in any state.
-    async fn list(&self) -> Result<Vec<Pod>, ProviderError>;
-
-    /// Terminates a pod for good. A pod that is already gone counts as done (`Ok`).
-    async fn terminate(&self, id: &PodId) -> Result<(), ProviderError>;
-
-    /// GPU types with on-demand and spot prices and current stock.
-    async fn offerings(&self) -> Result<Vec<Offering>, ProviderError>;
 }
