@@ -6,7 +6,8 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
 COPY benches benches
-RUN cargo build --release --locked --bin runpod-autoscaler
+# No `emulator` feature: the image has neither the emulator nor its unauthenticated admin API.
+RUN cargo build --release --locked --no-default-features --bin runpod-autoscaler
 
 FROM debian:bookworm-slim
 # libssl3: librdkafka (built into the binary) links the system OpenSSL for Kafka TLS/SCRAM.

@@ -16,6 +16,7 @@ ensure_prometheus
 ensure_sshd
 
 log "building"
+cargo build --locked --no-default-features --bin runpod-autoscaler && if ./target/debug/runpod-autoscaler emulator --help >/dev/null 2>&1; then echo "built without the emulator feature, the binary still has an emulator subcommand" >&2; exit 1; fi
 cargo build --locked --all-targets
 
 log "Rust tests"

@@ -96,12 +96,14 @@ pub async fn pods_list(config: Option<&Path>, json: bool) -> Result<()> {
 }
 
 /// `pods terminate ID | --all-owned`: asks on a terminal unless `--yes`; refuses without
-/// `--yes` when stdin is not a terminal.
+/// `--yes` when stdin is not a terminal. One ID is looked up first: a pod without our owner
+/// marker is refused unless `--force`; a pod already gone is reported and left alone.
 pub async fn pods_terminate(
     config: Option<&Path>,
     id: Option<String>,
     all_owned: bool,
     yes: bool,
+    force: bool,
 ) -> Result<()> {
     let client = client(config)?;
     let ids: Vec<PodId> = if all_owned {
@@ -113,7 +115,27 @@ pub async fn pods_terminate(
             .map(|p| p.id)
             .collect()
     } else {
-        id.into_iter().map(PodId).collect()
+        let Some(id) = id.map(PodId) else {
+            bail!("give a pod id or --all-owned");
+        };
+        let Some(pod) = client
+            .get(&id)
+            .await
+            .with_context(|| format!("looking up {id}"))?
+        else {
+            println!("{id} is already gone; nothing to terminate");
+            return Ok(());
+        };
+        if let Some(why) = client.owner().why_not_owned(&pod.name, &pod.env) {
+            if !force {
+                bail!(
+                    "refusing to terminate {id}: it is not owned by this autoscaler ({why}); \
+                     pass --force to terminate it anyway"
+                );
+            }
+            eprintln!("warning: {id} is not owned by this autoscaler ({why}); terminating it because of --force");
+        }
+        vec![id]
     };
     if ids.is_empty() {
         println!("no pods to terminate");

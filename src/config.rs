@@ -370,6 +370,9 @@ pub struct RunPodConfig {
     /// Per-request timeout.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// One overall deadline per provider call (retries, waits and nested calls included).
+    #[serde(with = "humantime_serde")]
+    pub call_deadline: Duration,
 }
 
 impl Default for RunPodConfig {
@@ -382,6 +385,9 @@ impl Default for RunPodConfig {
             owner: "runpod-autoscaler".into(),
             // RunPod answers within a few seconds; 30 s bounds a hung call.
             request_timeout: Duration::from_secs(30),
+            // A create with its ambiguous-create lookup window (~8 s) and retries fits; a tick
+            // never waits on one call longer than a minute.
+            call_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -642,6 +648,9 @@ impl Config {
         if self.runpod.request_timeout.is_zero() {
             return invalid("runpod.request_timeout", "is 0".into(), "set e.g. \"30s\"");
         }
+        if self.runpod.call_deadline.is_zero() {
+            return invalid("runpod.call_deadline", "is 0".into(), "set e.g. \"60s\"");
+        }
         if let Some(tls) = &self.service.tls {
             for (key, path) in [
                 ("service.tls.cert_file", Some(&tls.cert_file)),
@@ -845,6 +854,10 @@ mod tests {
             (
                 format!("{MINIMAL}\n[runpod]\nrequest_timeout = \"0s\""),
                 "runpod.request_timeout",
+            ),
+            (
+                format!("{MINIMAL}\n[runpod]\ncall_deadline = \"0s\""),
+                "runpod.call_deadline",
             ),
         ];
         for (text, key) in cases {

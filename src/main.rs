@@ -69,6 +69,7 @@ enum Command {
         output: Output,
     },
     /// Run the RunPod API emulator (REST v2 + GraphQL subset, sshd-backed pods, faults).
+    #[cfg(feature = "emulator")]
     Emulator {
         /// Listen address (port 0 picks a free one; the chosen address is printed).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -127,6 +128,9 @@ enum PodsCommand {
         /// Do not ask (required when stdin is not a terminal).
         #[arg(long)]
         yes: bool,
+        /// Terminate the pod even if it lacks our owner marker (name prefix and RPA_OWNER).
+        #[arg(long, conflicts_with = "all_owned")]
+        force: bool,
         /// Configuration file (only its `[runpod]` table is read).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -167,6 +171,7 @@ fn main() -> ExitCode {
             config,
             output,
         } => run_simulation(&traces, policy, config.as_deref(), output),
+        #[cfg(feature = "emulator")]
         Command::Emulator {
             listen,
             api_key,
@@ -184,8 +189,9 @@ fn main() -> ExitCode {
                         id,
                         all_owned,
                         yes,
+                        force,
                         config,
-                    } => cli::pods_terminate(config.as_deref(), id, all_owned, yes).await,
+                    } => cli::pods_terminate(config.as_deref(), id, all_owned, yes, force).await,
                 }
             })
         }),
@@ -441,6 +447,7 @@ async fn probe(addr: String, metadata: Vec<(String, String)>) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "emulator")]
 async fn run_emulator(
     listen: SocketAddr,
     api_key: Option<String>,

@@ -2,6 +2,8 @@
 //! endpoint the API reports, authorizing the key injected as `PUBLIC_KEY`. Login works; after
 //! terminate it is refused and the sshd process is gone. Needs `/usr/sbin/sshd`
 //! (`scripts/test.sh` installs openssh-server).
+// Needs the emulator (the `emulator` cargo feature, on by default).
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -246,4 +248,128 @@ async fn emulator_shutdown_kills_every_sshd() {
         pids.iter().all(|p| !pid_alive(*p)),
         "sshd leaked after drop"
     );
+}
+
+/// Creates a pod over raw REST (the client always sends `startSsh`; these bodies do not).
+async fn create_raw(emu: &RunningEmulator, body: serde_json::Value) -> String {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v2/pods", emu.api_url()))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let pod: serde_json::Value = resp.json().await.unwrap();
+    pod["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn public_key_and_port_22_start_sshd_without_start_ssh() {
+    // Per the v2 spec, startSsh only injects the account keys as PUBLIC_KEY; an official image
+    // runs sshd whenever PUBLIC_KEY is set and 22/tcp is exposed.
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("id_ed25519");
+    let public = sshd::generate_key(&key_path, "rpa-test").unwrap();
+    let clock = ManualClock::new(Timestamp::from_secs(1_780_000_000));
+    let cfg = EmulatorConfig {
+        api_keys: vec![Secret::new(KEY)],
+        boot_delay: Duration::ZERO,
+        ..EmulatorConfig::default()
+    };
+    let emu = RunningEmulator::start_local(cfg, Arc::new(clock))
+        .await
+        .unwrap();
+    let client = RunPodClient::new(RunPodSettings::new(
+        emu.api_url(),
+        emu.graphql_url(),
+        Secret::new(KEY),
+    ))
+    .unwrap();
+    let base = serde_json::json!({"image": "runpod/base:0.6.2",
+        "gpu": {"id": "NVIDIA RTX A5000", "count": 1}, "ports": ["22/tcp"]});
+    let with = |extra: serde_json::Value| {
+        let mut b = base.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+
+    let keyed = create_raw(
+        &emu,
+        with(serde_json::json!({"name": "keyed", "env": {"PUBLIC_KEY": public}})),
+    )
+    .await;
+    let pod = client
+        .get(&runpod_autoscaler::model::PodId(keyed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pod.is_ready(), "PUBLIC_KEY + 22/tcp must run sshd: {pod:?}");
+    let key = SshKey::load(&key_path).unwrap();
+    let pinned = HostKeyPolicy::Pinned(vec![emu.host_public_key().unwrap()]);
+    let out = login(
+        &target_of(pod.ssh.as_ref().unwrap()),
+        &key,
+        &pinned,
+        "echo in",
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "in");
+
+    // No key anywhere (startSsh with no account keys registered): no sshd.
+    for body in [
+        serde_json::json!({"name": "keyless"}),
+        serde_json::json!({"name": "keyless-ssh", "startSsh": true}),
+    ] {
+        let id = create_raw(&emu, with(body)).await;
+        let pod = client
+            .get(&runpod_autoscaler::model::PodId(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(pod.state, runpod_autoscaler::model::PodState::Running);
+        assert!(pod.ssh.is_none(), "a pod without any key got sshd: {pod:?}");
+    }
+
+    // A key but 22/tcp not exposed: no sshd either.
+    let id = create_raw(
+        &emu,
+        with(serde_json::json!({"name": "closed", "ports": ["8888/http"],
+            "env": {"PUBLIC_KEY": public}})),
+    )
+    .await;
+    let pod = client
+        .get(&runpod_autoscaler::model::PodId(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pod.ssh.is_none(), "{pod:?}");
+
+    // startSsh with account keys: they are injected as PUBLIC_KEY and authorize the login.
+    client
+        .set_ssh_keys(std::slice::from_ref(&public))
+        .await
+        .unwrap();
+    let id = create_raw(
+        &emu,
+        with(serde_json::json!({"name": "account", "startSsh": true})),
+    )
+    .await;
+    let pod = client
+        .get(&runpod_autoscaler::model::PodId(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pod.env.get("PUBLIC_KEY"), Some(&public));
+    let out = login(
+        &target_of(pod.ssh.as_ref().unwrap()),
+        &key,
+        &pinned,
+        "echo acct",
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acct");
+    emu.shutdown().await;
 }

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::graphql::Outcome;
 use super::world::{CreateRequest, Problem, RequestFault, World};
 use super::Faults;
 
@@ -244,6 +245,7 @@ async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
         env: b.env,
         ports: b.ports,
         disk: b.disk.unwrap_or(20),
+        volume_gb: 0,
         data_center_ids: b.data_center_ids,
         start_ssh: b.start_ssh,
         bid: None,
@@ -258,7 +260,7 @@ async fn create_pod(State(w): State<Shared>, body: Bytes) -> Response {
                     "injected error after a successful create",
                 ));
             }
-            match world.pod_json(&id) {
+            match world.pod_json_fresh(&id) {
                 Ok(v) => ok_json(StatusCode::CREATED, v),
                 Err(p) => problem(p),
             }
@@ -353,126 +355,17 @@ async fn put_keys(State(w): State<Shared>, body: Bytes) -> Response {
     ok_json(StatusCode::OK, world.ssh_keys_json())
 }
 
-#[derive(Deserialize)]
-struct GqlBody {
-    query: String,
-    #[serde(default)]
-    variables: Value,
-}
-
-/// `PodRentInterruptableInput` (the fields the emulator knows; others are HTTP 400).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SpotInput {
-    bid_per_gpu: f64,
-    gpu_type_id: String,
-    #[serde(default = "one")]
-    gpu_count: u32,
-    #[serde(default)]
-    cloud_type: Option<String>,
-    name: String,
-    image_name: String,
-    #[serde(default)]
-    ports: Option<String>,
-    #[serde(default)]
-    env: Vec<GqlEnv>,
-    #[serde(default)]
-    start_ssh: bool,
-    #[serde(default)]
-    #[allow(dead_code)] // accepted as the spec allows; not emulated
-    support_public_ip: Option<bool>,
-    #[serde(default)]
-    container_disk_in_gb: Option<u32>,
-    #[serde(default)]
-    #[allow(dead_code)] // accepted as the spec allows; not emulated
-    volume_in_gb: Option<u32>,
-    #[serde(default)]
-    data_center_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GqlEnv {
-    key: String,
-    value: String,
-}
-
-fn gql_error(field: &str, message: &str) -> Response {
-    ok_json(
-        StatusCode::OK,
-        json!({"errors": [{"message": message, "path": [field], "extensions": {"code": "RUNPOD"}}],
-               "data": {field: null}}),
-    )
-}
-
-fn gql_bad_request(message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"errors": [{"message": message, "extensions": {"code": "GRAPHQL_VALIDATION_FAILED"}}]})),
-    )
-        .into_response()
-}
-
-/// The GraphQL subset: operations are recognised by their root field; every field of the
-/// subset is returned whatever the selection set asks for.
+/// `POST /graphql`: see [`super::graphql`].
 async fn graphql(State(w): State<Shared>, body: Bytes) -> Response {
-    let b: GqlBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return gql_bad_request(format!("invalid GraphQL request: {e}")),
-    };
-    if b.query.contains("podRentInterruptable") {
-        let input: SpotInput = match serde_json::from_value(b.variables["input"].clone()) {
-            Ok(i) => i,
-            Err(e) => return gql_bad_request(format!("invalid PodRentInterruptableInput: {e}")),
-        };
-        let req = CreateRequest {
-            name: input.name,
-            image: input.image_name,
-            gpu_type: input.gpu_type_id,
-            gpu_count: input.gpu_count,
-            cloud: input.cloud_type.unwrap_or_else(|| "SECURE".into()),
-            env: input.env.into_iter().map(|e| (e.key, e.value)).collect(),
-            ports: input
-                .ports
-                .map(|p| p.split(',').map(|s| s.trim().to_owned()).collect())
-                .unwrap_or_default(),
-            disk: input.container_disk_in_gb.unwrap_or(20),
-            data_center_ids: input.data_center_id.into_iter().collect(),
-            start_ssh: input.start_ssh,
-            bid: Some(input.bid_per_gpu),
-        };
-        let mut world = lock(&w);
-        return match world.create(req) {
-            Ok(id) => {
-                if world.take_error_after_create() {
-                    return problem(Problem::new(
-                        500,
-                        "Internal Server Error",
-                        "injected error after a successful create",
-                    ));
-                }
-                ok_json(
-                    StatusCode::OK,
-                    json!({"data": {"podRentInterruptable": {"id": id}}}),
-                )
-            }
-            Err(p) => gql_error("podRentInterruptable", &p.detail),
-        };
+    match super::graphql::execute(&mut lock(&w), &body) {
+        Outcome::Answer(v) => ok_json(StatusCode::OK, v),
+        Outcome::Invalid(v) => (StatusCode::BAD_REQUEST, Json(v)).into_response(),
+        Outcome::ServerErrorAfterCreate => problem(Problem::new(
+            500,
+            "Internal Server Error",
+            "injected error after a successful create",
+        )),
     }
-    if b.query.contains("podTerminate") {
-        let id = b.variables["input"]["podId"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
-        return match lock(&w).terminate(&id) {
-            Ok(()) => ok_json(StatusCode::OK, json!({"data": {"podTerminate": null}})),
-            Err(_) => gql_error("podTerminate", "pod not found to terminate"),
-        };
-    }
-    if b.query.contains("gpuTypes") {
-        return ok_json(StatusCode::OK, json!({"data": lock(&w).gql_gpu_types()}));
-    }
-    gql_bad_request("operation not supported by the emulator".into())
 }
 
 async fn admin_pods(State(w): State<Shared>) -> Response {

@@ -1,13 +1,16 @@
 //! A RunPod API emulator for tests and local demos: REST v2 pods, actions, GPU catalog, billing
-//! and SSH keys, plus the GraphQL subset the client uses (`gpuTypes`, `podRentInterruptable`,
-//! `podTerminate`), with the spec's shapes, status codes and RFC 9457 problem+json errors,
+//! and SSH keys, plus the GraphQL that RunPod's public clients use (parsed and answered field
+//! by field, see `graphql`), with the spec's shapes, status codes and RFC 9457 problem+json errors,
 //! Bearer auth, a clock the caller injects, per-type stock, per-second cost accrual, seeded
 //! fault injection, and admin endpoints for tests (`/admin/...`, unauthenticated, loopback).
 //!
 //! Pods go PROVISIONING → STARTING (half the boot delay) → RUNNING (the boot delay); a RUNNING
 //! pod is a real `sshd` on its own 127.0.0.1 port (see [`sshd`]) unless `sshd = false`.
-//! Never used by production code paths.
+//! Never used by production code paths; compiled only with the `emulator` cargo feature (on by
+//! default, off in the image).
+#![cfg(feature = "emulator")]
 
+mod graphql;
 mod http;
 /// Real sshd processes for RUNNING pods (also key generation for tests).
 pub mod sshd;
@@ -147,6 +150,10 @@ pub struct Faults {
     /// Spot pods are preempted (RUNNING → EXITED, sshd killed) after running this long.
     #[serde(with = "humantime_serde")]
     pub preempt_spot_after: Option<Duration>,
+    /// RunPod's listing lag: a new pod is missing from `GET /v2/pods/{id}` (404), `GET
+    /// /v2/pods` and GraphQL pod queries for this long after creation (emulator clock).
+    #[serde(with = "humantime_serde")]
+    pub hide_new_pods_for: Duration,
 }
 
 /// The catalog of `shared/reference/runpod.md` with 20 free GPUs of each type.

@@ -57,8 +57,14 @@ struct PodRecord {
     env: BTreeMap<String, String>,
     ports: Vec<String>,
     disk: u32,
+    /// Persistent volume in GB (GraphQL `volumeInGb`; 0 = none).
+    volume_gb: u32,
     data_center_id: String,
-    start_ssh: bool,
+    /// Runs an sshd when RUNNING: an official image starts one whenever `PUBLIC_KEY` is set
+    /// and 22/tcp is exposed (whether the key came from the request or from `startSsh`).
+    ssh_capable: bool,
+    /// Missing from GET and list (RunPod's listing lag) until this time.
+    visible_at: Timestamp,
     /// Spot bid per GPU-hour; `None` = on-demand.
     bid: Option<f64>,
     /// Price per GPU-hour while running.
@@ -266,7 +272,7 @@ impl World {
             pod.status = PodState::Running;
             pod.started_at = Some(now);
         }
-        if sshd_on && !pod.never_ready && pod.start_ssh {
+        if sshd_on && !pod.never_ready && pod.ssh_capable {
             if let Some(host_key) = host_key {
                 match SshdProcess::spawn(&binary, &work_dir, id, &host_key, &pod.keys) {
                     Ok(p) => pod.sshd = Some(p),
@@ -385,15 +391,23 @@ impl World {
         self.stock.insert(gpu.id.clone(), free - req.gpu_count);
         let id = self.new_id();
         let now = self.clock.now();
-        let mut keys: Vec<String> = Vec::new();
-        if let Some(k) = req.env.get("PUBLIC_KEY") {
-            keys.extend(
-                k.lines()
-                    .map(str::to_owned)
-                    .filter(|l| !l.trim().is_empty()),
-            );
+        // `startSsh` only injects the account's keys as PUBLIC_KEY (unless the request already
+        // sets one); with no keys registered it does nothing.
+        let mut env = req.env;
+        if req.start_ssh && !env.contains_key("PUBLIC_KEY") && !self.ssh_keys.is_empty() {
+            env.insert("PUBLIC_KEY".into(), self.ssh_keys.join("\n"));
         }
-        keys.extend(self.ssh_keys.iter().cloned());
+        let keys: Vec<String> = env
+            .get("PUBLIC_KEY")
+            .map(|k| {
+                k.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exposes_ssh = req.ports.iter().any(|p| p.trim() == "22/tcp");
         let pod = PodRecord {
             id: id.clone(),
             name: req.name,
@@ -401,15 +415,17 @@ impl World {
             gpu_type: gpu.id.clone(),
             gpu_count: req.gpu_count,
             cloud: req.cloud,
-            env: req.env,
+            env,
             ports: req.ports,
             disk: req.disk,
+            volume_gb: req.volume_gb,
             data_center_id: req
                 .data_center_ids
                 .first()
                 .cloned()
                 .unwrap_or_else(|| DATA_CENTERS[0].to_owned()),
-            start_ssh: req.start_ssh,
+            ssh_capable: exposes_ssh && !keys.is_empty(),
+            visible_at: now.plus(self.faults.hide_new_pods_for),
             bid: req.bid,
             price,
             status: PodState::Provisioning,
@@ -446,7 +462,21 @@ impl World {
             .filter(|p| p.status != PodState::Terminated)
     }
 
+    /// Live and past its listing lag (`faults.hide_new_pods_for`): what GET and list show.
+    fn visible(&self, id: &str) -> Option<&PodRecord> {
+        let now = self.clock.now();
+        self.live(id).filter(|p| now >= p.visible_at)
+    }
+
+    /// `GET /v2/pods/{id}`: 404 when gone or not yet visible.
     pub(super) fn pod_json(&self, id: &str) -> Result<Value, Problem> {
+        self.visible(id)
+            .map(|p| self.render(p))
+            .ok_or_else(|| Problem::not_found(id))
+    }
+
+    /// The pod as a create or an action answers it (never hidden: the caller just made it).
+    pub(super) fn pod_json_fresh(&self, id: &str) -> Result<Value, Problem> {
         self.live(id)
             .map(|p| self.render(p))
             .ok_or_else(|| Problem::not_found(id))
@@ -456,7 +486,7 @@ impl World {
         let pods: Vec<Value> = self
             .order
             .iter()
-            .filter_map(|id| self.live(id))
+            .filter_map(|id| self.visible(id))
             .map(|p| self.render(p))
             .collect();
         json!({ "pods": pods })
@@ -536,7 +566,7 @@ impl World {
                 ))
             }
         }
-        self.pod_json(id)
+        self.pod_json_fresh(id)
     }
 
     pub(super) fn catalog_json(&self, availability: bool) -> Value {
@@ -570,43 +600,159 @@ impl World {
         }
     }
 
-    /// Stock level: 0 → NONE, 1–2 LOW, 3–7 MEDIUM, 8+ HIGH (a full 8-GPU host).
+    /// Stock level of a GPU type now (see [`level_of`]).
     fn level(&self, gpu: &str) -> &'static str {
-        match self.free(gpu) {
-            0 => "NONE",
-            1..=2 => "LOW",
-            3..=7 => "MEDIUM",
-            _ => "HIGH",
-        }
+        level_of(u64::from(self.free(gpu)))
     }
 
-    pub(super) fn gql_gpu_types(&self) -> Value {
-        let types: Vec<Value> = self
-            .config
+    /// Every GPU type as a GraphQL `GpuType` source (all fields; the caller projects the
+    /// selection). `_free` (never selectable) feeds `lowestPrice(input: {gpuCount})`.
+    pub(super) fn gql_gpu_types(&self, id: Option<&str>) -> Vec<Value> {
+        self.config
             .gpus
             .iter()
+            .filter(|g| id.is_none_or(|id| g.id == id))
             .map(|g| {
-                let stock = match self.level(&g.id) {
-                    "NONE" => Value::Null,
-                    "LOW" => json!("Low"),
-                    "MEDIUM" => json!("Medium"),
-                    _ => json!("High"),
-                };
-                let min_bid = match (g.secure_spot_price, g.community_spot_price) {
-                    (Some(a), Some(b)) => json!(a.min(b)),
-                    (a, b) => json!(a.or(b)),
-                };
                 json!({
-                    "id": g.id, "displayName": g.name, "memoryInGb": g.memory_gb,
+                    "id": g.id, "displayName": g.name, "manufacturer": "Nvidia",
+                    "memoryInGb": g.memory_gb, "cudaCores": 0,
+                    "secureCloud": true, "communityCloud": true,
                     "securePrice": g.secure_price, "communityPrice": g.community_price,
                     "secureSpotPrice": g.secure_spot_price, "communitySpotPrice": g.community_spot_price,
-                    "lowestPrice": {"minimumBidPrice": min_bid,
-                        "uninterruptablePrice": g.community_price.min(g.secure_price),
-                        "stockStatus": stock},
+                    // Reserved terms are not emulated: the on-demand price stands in.
+                    "oneWeekPrice": g.secure_price, "oneMonthPrice": g.secure_price,
+                    "threeMonthPrice": g.secure_price,
+                    "maxGpuCount": 8, "maxGpuCountSecureCloud": 8, "maxGpuCountCommunityCloud": 8,
+                    "_free": self.free(&g.id),
                 })
             })
-            .collect();
-        json!({ "gpuTypes": types })
+            .collect()
+    }
+
+    /// `GpuType.lowestPrice(input: {gpuCount})` of a [`World::gql_gpu_types`] source.
+    pub(super) fn gql_lowest_price(gpu: &Value, gpu_count: u32) -> Value {
+        let min_bid = match (
+            gpu["secureSpotPrice"].as_f64(),
+            gpu["communitySpotPrice"].as_f64(),
+        ) {
+            (Some(a), Some(b)) => json!(a.min(b)),
+            (a, b) => json!(a.or(b)),
+        };
+        let on_demand = match (gpu["securePrice"].as_f64(), gpu["communityPrice"].as_f64()) {
+            (Some(a), Some(b)) => json!(a.min(b)),
+            (a, b) => json!(a.or(b)),
+        };
+        let free = gpu["_free"].as_u64().unwrap_or(0);
+        let stock = if free < u64::from(gpu_count.max(1)) {
+            Value::Null
+        } else {
+            match level_of(free) {
+                "LOW" => json!("Low"),
+                "MEDIUM" => json!("Medium"),
+                _ => json!("High"),
+            }
+        };
+        json!({"minimumBidPrice": min_bid, "uninterruptablePrice": on_demand,
+               "stockStatus": stock, "gpuName": gpu["displayName"], "gpuTypeId": gpu["id"]})
+    }
+
+    /// A visible pod as a GraphQL `Pod` source (`pod(input: {podId})`).
+    pub(super) fn gql_pod(&self, id: &str) -> Option<Value> {
+        self.visible(id).map(|p| self.gql_render(p))
+    }
+
+    /// A pod just created or changed by a mutation (never hidden from its caller).
+    pub(super) fn gql_pod_fresh(&self, id: &str) -> Option<Value> {
+        self.live(id).map(|p| self.gql_render(p))
+    }
+
+    /// Every visible pod (`myself { pods }`).
+    pub(super) fn gql_pods(&self) -> Vec<Value> {
+        self.order
+            .iter()
+            .filter_map(|id| self.visible(id))
+            .map(|p| self.gql_render(p))
+            .collect()
+    }
+
+    /// `podBidResume`: a stopped spot pod starts again at a new bid (at least the floor).
+    pub(super) fn bid_resume(&mut self, id: &str, bid: f64) -> Result<Value, Problem> {
+        let Some(pod) = self.live(id) else {
+            return Err(Problem::not_found(id));
+        };
+        let Some(gpu) = self.gpu(&pod.gpu_type) else {
+            return Err(Problem::not_found(id));
+        };
+        let floor = if pod.cloud == "COMMUNITY" {
+            gpu.community_spot_price
+        } else {
+            gpu.secure_spot_price
+        };
+        let Some(floor) = floor else {
+            return Err(Problem::new(
+                400,
+                "Bad Request",
+                format!("{} has no spot offer", gpu.id),
+            ));
+        };
+        if !(bid.is_finite() && bid + 1e-9 >= floor) {
+            return Err(Problem::new(
+                400,
+                "Bad Request",
+                format!("bid {bid} is below the minimum bid {floor}"),
+            ));
+        }
+        let (old_bid, old_price) = (pod.bid, pod.price);
+        if let Some(p) = self.pods.get_mut(id) {
+            p.bid = Some(bid);
+            p.price = bid;
+        }
+        let result = self.action(id, "start");
+        if result.is_err() {
+            if let Some(p) = self.pods.get_mut(id) {
+                p.bid = old_bid;
+                p.price = old_price;
+            }
+        }
+        result
+    }
+
+    fn gql_render(&self, p: &PodRecord) -> Value {
+        let now = self.clock.now();
+        let running = p.status == PodState::Running;
+        let uptime = p
+            .started_at
+            .map(|t| now.saturating_since(t).as_secs())
+            .unwrap_or(0);
+        let runtime = match (&p.sshd, running) {
+            (Some(s), true) => json!({"uptimeInSeconds": uptime, "ports": [{
+                "ip": "127.0.0.1", "isIpPublic": true, "privatePort": 22,
+                "publicPort": s.port, "type": "tcp"}]}),
+            (None, true) if !p.never_ready => json!({"uptimeInSeconds": uptime, "ports": []}),
+            _ => Value::Null,
+        };
+        let desired = match p.status {
+            PodState::Exited | PodState::Error => "EXITED",
+            PodState::Terminated => "TERMINATED",
+            _ => "RUNNING",
+        };
+        let gpu_name = self
+            .gpu(&p.gpu_type)
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
+        json!({
+            "id": p.id, "name": p.name, "imageName": p.image,
+            "env": p.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "gpuCount": p.gpu_count, "vcpuCount": 8 * p.gpu_count, "memoryInGb": 62 * p.gpu_count,
+            "containerDiskInGb": p.disk, "volumeInGb": p.volume_gb, "volumeMountPath": "/workspace",
+            "costPerHr": p.rate(), "adjustedCostPerHr": p.rate(), "desiredStatus": desired,
+            "lastStatusChange": format!("{}: {}", p.status.as_str(), fmt_time(p.boot_at)),
+            "dockerArgs": "", "dockerId": null, "machineId": format!("m{}", &p.id[..8.min(p.id.len())]),
+            "podType": if p.bid.is_some() { "INTERRUPTABLE" } else { "RESERVED" },
+            "port": null, "ports": p.ports.join(","), "uptimeSeconds": uptime, "locked": false,
+            "runtime": runtime,
+            "machine": {"podHostId": format!("{}-64410a6e", p.id), "gpuDisplayName": gpu_name},
+        })
     }
 
     pub(super) fn billing_json(&self, pod_filter: Option<&str>, bucket: &str) -> Value {
@@ -718,6 +864,16 @@ impl Drop for World {
     }
 }
 
+/// Stock level: 0 → NONE, 1–2 LOW, 3–7 MEDIUM, 8+ HIGH (a full 8-GPU host).
+fn level_of(free: u64) -> &'static str {
+    match free {
+        0 => "NONE",
+        1..=2 => "LOW",
+        3..=7 => "MEDIUM",
+        _ => "HIGH",
+    }
+}
+
 /// A request-level fault drawn for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum RequestFault {
@@ -738,6 +894,7 @@ pub(super) struct CreateRequest {
     pub(super) env: BTreeMap<String, String>,
     pub(super) ports: Vec<String>,
     pub(super) disk: u32,
+    pub(super) volume_gb: u32,
     pub(super) data_center_ids: Vec<String>,
     pub(super) start_ssh: bool,
     pub(super) bid: Option<f64>,

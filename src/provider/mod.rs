@@ -67,6 +67,21 @@ pub enum ProviderError {
         /// The provider's explanation (problem+json `detail`, plus `errors` when given).
         detail: String,
     },
+    /// The call's overall deadline passed before it finished. A launch cut off this way is
+    /// ambiguous: the pod may exist, so look it up by name before launching again.
+    #[error("{op} did not finish within its {deadline:?} deadline")]
+    Timeout {
+        /// The public call (`launch`, `list`, …).
+        op: String,
+        /// The deadline it had.
+        deadline: Duration,
+    },
+    /// Shutdown cancelled the call. Not retried: the process is stopping.
+    #[error("{op} cancelled by shutdown")]
+    Cancelled {
+        /// The public call (`launch`, `list`, …).
+        op: String,
+    },
 }
 
 impl ProviderError {
@@ -74,7 +89,9 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ProviderError::RateLimited { .. } | ProviderError::Transient { .. }
+            ProviderError::RateLimited { .. }
+                | ProviderError::Transient { .. }
+                | ProviderError::Timeout { .. }
         )
     }
 }
@@ -94,8 +111,31 @@ impl OwnerMarker {
 
     /// True when a pod with this name and environment is ours.
     pub fn owns(&self, name: &str, env: &BTreeMap<String, String>) -> bool {
-        name.starts_with(&self.name_prefix)
-            && env.get(Self::ENV).map(String::as_str) == Some(self.owner.as_str())
+        self.why_not_owned(name, env).is_none()
+    }
+
+    /// Why a pod with this name and environment is not ours (`None` when it is), naming the
+    /// marker that does not match and the setting behind it.
+    pub fn why_not_owned(&self, name: &str, env: &BTreeMap<String, String>) -> Option<String> {
+        if !name.starts_with(&self.name_prefix) {
+            return Some(format!(
+                "its name {name:?} does not start with {:?} (runpod.name_prefix)",
+                self.name_prefix
+            ));
+        }
+        match env.get(Self::ENV) {
+            None => Some(format!(
+                "it has no {} env var (ours carry {:?}, runpod.owner)",
+                Self::ENV,
+                self.owner
+            )),
+            Some(o) if *o != self.owner => Some(format!(
+                "its {} is {o:?}, not {:?} (runpod.owner)",
+                Self::ENV,
+                self.owner
+            )),
+            Some(_) => None,
+        }
     }
 }
 
@@ -257,4 +297,33 @@ pub trait CloudProvider: Send + Sync {
 
     /// GPU types with on-demand and spot prices and current stock.
     async fn offerings(&self) -> Result<Vec<Offering>, ProviderError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_says_which_marker_does_not_match() {
+        let m = OwnerMarker::default();
+        let env = |o: Option<&str>| {
+            o.map(|o| BTreeMap::from([(OwnerMarker::ENV.to_owned(), o.to_owned())]))
+                .unwrap_or_default()
+        };
+        assert!(m.owns("rpa-a", &env(Some("runpod-autoscaler"))));
+        let why = m
+            .why_not_owned("manual", &env(Some("runpod-autoscaler")))
+            .unwrap();
+        assert!(
+            why.contains("\"rpa-\"") && why.contains("runpod.name_prefix"),
+            "{why}"
+        );
+        let why = m.why_not_owned("rpa-a", &env(None)).unwrap();
+        assert!(why.contains("no RPA_OWNER"), "{why}");
+        let why = m.why_not_owned("rpa-a", &env(Some("other"))).unwrap();
+        assert!(
+            why.contains("\"other\"") && why.contains("runpod.owner"),
+            "{why}"
+        );
+    }
 }

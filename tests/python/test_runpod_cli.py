@@ -123,3 +123,25 @@ def test_terminate_asks_on_a_terminal(emu, answer, terminated):
     assert (proc.returncode == 0) == terminated, err
     assert (f"terminated {pid}" in out) == terminated
     assert emu.request("GET", f"/v2/pods/{pid}")[0] == (404 if terminated else 200)
+
+
+def test_terminate_refuses_a_pod_we_do_not_own_unless_forced(emu):
+    unprefixed = make_pod(emu, "theirs")
+    other_owner = make_pod(emu, "rpa-lookalike", owner="someone-else")
+    for pid, why in ((unprefixed, '"rpa-"'), (other_owner, '"someone-else"')):
+        r = run(emu, "pods", "terminate", pid, "--yes")
+        assert r.returncode != 0, r.stdout
+        assert "not owned by this autoscaler" in r.stderr and why in r.stderr, r.stderr
+        assert "--force" in r.stderr
+        assert emu.request("GET", f"/v2/pods/{pid}")[0] == 200
+    r = run(emu, "pods", "terminate", unprefixed, "--yes", "--force")
+    assert r.returncode == 0, r.stderr
+    assert f"terminated {unprefixed}" in r.stdout
+    assert emu.request("GET", f"/v2/pods/{unprefixed}")[0] == 404
+    # Gone: said so, and nothing to do.
+    r = run(emu, "pods", "terminate", unprefixed, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert f"{unprefixed} is already gone" in r.stdout
+    # --force is only for one id.
+    r = run(emu, "pods", "terminate", "--all-owned", "--force", "--yes")
+    assert r.returncode != 0

@@ -14,6 +14,7 @@ mod wire;
 pub use retry::{parse_wait, RetryPolicy, SharedSleeper, Sleeper, TokioSleeper};
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,10 +22,12 @@ use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
+use crate::clock::{Clock, SystemClock};
 use crate::model::Secret;
-use crate::model::{GpuTypeId, PodId, Usd};
+use crate::model::{GpuTypeId, PodId, Timestamp, Usd};
 use crate::provider::{
     CloudProvider, LaunchSpec, Offering, OwnerMarker, Pod, ProviderError, Stock,
 };
@@ -38,6 +41,10 @@ pub const DEFAULT_GRAPHQL_URL: &str = "https://api.runpod.io/graphql";
 pub const CAPACITY_MESSAGE: &str = "no longer any instances available";
 /// The text RunPod uses when a stopped pod cannot resume on its host.
 pub const HOST_FULL_MESSAGE: &str = "not enough free GPUs on the host machine";
+
+/// A minute: room for a create, its ambiguous-create lookup window (~8 s) and a few
+/// retries, while a reconciler tick never waits on one call for longer.
+pub const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Everything the client needs; built in `main` from the configuration and environment.
 #[derive(Debug, Clone)]
@@ -54,6 +61,8 @@ pub struct RunPodSettings {
     pub request_timeout: Duration,
     /// Retry timing.
     pub retry: RetryPolicy,
+    /// One overall deadline per public call: retries, waits and nested calls included.
+    pub call_deadline: Duration,
 }
 
 impl RunPodSettings {
@@ -68,6 +77,7 @@ impl RunPodSettings {
             // create without letting one call hold a tick forever.
             request_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
+            call_deadline: DEFAULT_CALL_DEADLINE,
         }
     }
 }
@@ -86,6 +96,7 @@ impl RunPodSettings {
             owner: c.owner.clone(),
         };
         s.request_timeout = c.request_timeout;
+        s.call_deadline = c.call_deadline;
         s
     }
 }
@@ -128,6 +139,8 @@ pub struct RunPodClient {
     http: reqwest::Client,
     settings: Arc<RunPodSettings>,
     sleeper: SharedSleeper,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for RunPodClient {
@@ -178,7 +191,21 @@ impl RunPodClient {
             http,
             settings: Arc::new(settings),
             sleeper,
+            clock: Arc::new(SystemClock),
+            shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Measures call deadlines with `clock` (tests inject a `ManualClock`).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Ends every call promptly with [`ProviderError::Cancelled`] once `token` is cancelled.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 
     /// The owner marker in use.
@@ -284,10 +311,60 @@ impl RunPodClient {
         }
     }
 
-    /// Sends with retries: 429 waits at least its Retry-After, transient failures back off.
-    /// Returns the success answer, or the last error.
+    /// Runs one public call `op`: a `runpod.call` span, ONE deadline for everything inside
+    /// (retries, waits, nested requests) measured on the injected clock and enforced in real
+    /// time too, and prompt cancellation by the shutdown token.
+    async fn call<T, F>(
+        &self,
+        op: &'static str,
+        body: impl FnOnce(Budget) -> F,
+    ) -> Result<T, ProviderError>
+    where
+        F: Future<Output = Result<T, ProviderError>>,
+    {
+        let deadline = self.settings.call_deadline;
+        let budget = Budget {
+            deadline: self.clock.now().plus(deadline),
+        };
+        let span = tracing::info_span!("runpod.call", op);
+        async move {
+            if self.shutdown.is_cancelled() {
+                return Err(ProviderError::Cancelled { op: op.into() });
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    warn!("cancelled by shutdown");
+                    Err(ProviderError::Cancelled { op: op.into() })
+                }
+                r = tokio::time::timeout(deadline, body(budget)) => r.unwrap_or_else(|_| {
+                    warn!(deadline_ms = deadline.as_millis() as u64, "call deadline passed");
+                    Err(ProviderError::Timeout { op: op.into(), deadline })
+                }),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Waits `d` unless that would cross the call's deadline; false when not waited.
+    async fn wait(&self, budget: &Budget, d: Duration) -> bool {
+        if self.clock.now().plus(d) > budget.deadline {
+            debug!(
+                wait_ms = d.as_millis() as u64,
+                "not waiting: it would cross the call deadline"
+            );
+            return false;
+        }
+        self.sleeper.sleep(d).await;
+        true
+    }
+
+    /// Sends with retries: 429 waits at least its Retry-After, transient failures back off,
+    /// within the call's budget. Returns the success answer, or the last error.
     async fn send(
         &self,
+        budget: &Budget,
         method: Method,
         url: &str,
         path: &str,
@@ -316,24 +393,29 @@ impl RunPodClient {
                 return Err(err);
             }
             warn!(path, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying");
-            self.sleeper.sleep(wait).await;
+            if !self.wait(budget, wait).await {
+                return Err(err);
+            }
         }
     }
 
     async fn rest<T: DeserializeOwned>(
         &self,
+        budget: &Budget,
         method: Method,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<T, ProviderError> {
         let url = format!("{}{}", self.settings.api_url, path);
-        let answer = self.send(method, &url, path, body, "").await?;
+        let answer = self.send(budget, method, &url, path, body, "").await?;
         decode(&answer.body, path)
     }
 
-    /// A GraphQL call; errors in the body (HTTP 200) are typed here.
+    /// A GraphQL call; errors in the body (HTTP 200) are typed here. `retry` = false sends
+    /// once (a create must not be repeated blindly).
     async fn graphql<D: DeserializeOwned, V: Serialize>(
         &self,
+        budget: &Budget,
         op: &str,
         query: &str,
         variables: V,
@@ -348,7 +430,7 @@ impl RunPodClient {
         let url = self.settings.graphql_url.clone();
         let path = format!("/graphql ({op})");
         let answer = if retry {
-            self.send(Method::POST, &url, &path, Some(&body), gpu_type)
+            self.send(budget, Method::POST, &url, &path, Some(&body), gpu_type)
                 .await?
         } else {
             let a = self
@@ -383,25 +465,74 @@ impl RunPodClient {
 
     /// All pods of the account (not only ours).
     pub async fn list_all(&self) -> Result<Vec<Pod>, ProviderError> {
-        let list: WirePodList = self.rest(Method::GET, "/v2/pods", None).await?;
+        self.call("list_all", |b| async move { self.list_all_in(&b).await })
+            .await
+    }
+
+    async fn list_all_in(&self, budget: &Budget) -> Result<Vec<Pod>, ProviderError> {
+        let list: WirePodList = self.rest(budget, Method::GET, "/v2/pods", None).await?;
         Ok(list.pods.into_iter().map(WirePod::into_pod).collect())
     }
 
-    /// Our pod with this full name, if any (the idempotency lookup).
-    async fn find_by_name(&self, name: &str) -> Result<Option<Pod>, ProviderError> {
+    async fn list_in(&self, budget: &Budget) -> Result<Vec<Pod>, ProviderError> {
+        let owner = &self.settings.owner;
         Ok(self
-            .list()
+            .list_all_in(budget)
+            .await?
+            .into_iter()
+            .filter(|p| owner.owns(&p.name, &p.env))
+            .collect())
+    }
+
+    async fn get_in(&self, budget: &Budget, id: &PodId) -> Result<Option<Pod>, ProviderError> {
+        let path = format!("/v2/pods/{}", encode(id.as_str()));
+        match self.rest::<WirePod>(budget, Method::GET, &path, None).await {
+            Ok(p) => Ok(Some(p.into_pod())),
+            Err(ProviderError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Our live pod with this full name, if any (one idempotency lookup).
+    async fn find_by_name(
+        &self,
+        budget: &Budget,
+        name: &str,
+    ) -> Result<Option<Pod>, ProviderError> {
+        Ok(self
+            .list_in(budget)
             .await?
             .into_iter()
             .find(|p| p.name == name && p.state != crate::model::PodState::Terminated))
     }
 
+    /// Resolves an ambiguous create: looks the name up again and again over the propagation
+    /// window (RunPod lists a new pod only after a lag). A failed lookup is an error: the
+    /// caller must not create blindly.
+    async fn await_by_name(&self, budget: &Budget, name: &str) -> Result<Lookup, ProviderError> {
+        let mut waits = PropagationWaits::default();
+        loop {
+            if let Some(p) = self.find_by_name(budget, name).await? {
+                return Ok(Lookup::Found(Box::new(p)));
+            }
+            let Some(d) = waits.next() else {
+                return Ok(Lookup::Absent);
+            };
+            if !self.wait(budget, d).await {
+                return Ok(Lookup::OutOfTime);
+            }
+        }
+    }
+
     /// Starts, stops or restarts a pod; returns it as updated.
     pub async fn action(&self, id: &PodId, action: PodAction) -> Result<Pod, ProviderError> {
-        let path = format!("/v2/pods/{}/action", encode(id.as_str()));
-        let body = serde_json::json!({ "action": action.as_str() });
-        let pod: WirePod = self.rest(Method::POST, &path, Some(&body)).await?;
-        Ok(pod.into_pod())
+        self.call("action", |b| async move {
+            let path = format!("/v2/pods/{}/action", encode(id.as_str()));
+            let body = serde_json::json!({ "action": action.as_str() });
+            let pod: WirePod = self.rest(&b, Method::POST, &path, Some(&body)).await?;
+            Ok(pod.into_pod())
+        })
+        .await
     }
 
     /// Billing per pod (all returned buckets summed), optionally for one pod.
@@ -423,7 +554,11 @@ impl RunPodClient {
             Some(id) => format!("/v2/billing/pods?podId={}", encode(id.as_str())),
             None => "/v2/billing/pods".to_owned(),
         };
-        let resp: Resp = self.rest(Method::GET, &path, None).await?;
+        let resp: Resp = self
+            .call("billing", |b| async move {
+                self.rest(&b, Method::GET, &path, None).await
+            })
+            .await?;
         let mut per_pod = BTreeMap::new();
         for r in &resp.records {
             *per_pod.entry(r.pod_id.clone()).or_insert(0.0) += r.total_amount;
@@ -443,13 +578,64 @@ impl RunPodClient {
         }
         let body = serde_json::json!({ "keys": keys });
         let k: Keys = self
-            .rest(Method::PUT, "/v2/account/ssh-keys", Some(&body))
+            .call("set_ssh_keys", |b| async move {
+                self.rest(&b, Method::PUT, "/v2/account/ssh-keys", Some(&body))
+                    .await
+            })
             .await?;
         Ok(k.keys)
     }
 
+    async fn launch_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
+        let owner = &self.settings.owner;
+        let full_name = format!("{}{}", owner.name_prefix, spec.name);
+        let mut env = spec.env.clone();
+        env.insert(OwnerMarker::ENV.to_owned(), owner.owner.clone());
+        let policy = &self.settings.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.create_once(budget, spec, &full_name, &env).await {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            let wait = match &err {
+                ProviderError::RateLimited { retry_after }
+                    if *retry_after <= policy.max_retry_after =>
+                {
+                    // Rejected before anything was created: safe to send again.
+                    (*retry_after).max(policy.backoff(attempt))
+                }
+                ProviderError::Transient { .. } => {
+                    // Ambiguous: the pod may exist (RunPod has answered 500 to creates that
+                    // did create a billing pod) and may not be listed yet. Look it up by its
+                    // unique name over the propagation window before creating again.
+                    match self.await_by_name(budget, &full_name).await? {
+                        Lookup::Found(p) => {
+                            warn!(pod = %p.id, name = %full_name, "create failed ambiguously but the pod exists; adopting it");
+                            return Ok(*p);
+                        }
+                        // Not there after the whole window: it was not created.
+                        Lookup::Absent => Duration::ZERO,
+                        // The window does not fit the call's deadline: cannot tell.
+                        Lookup::OutOfTime => return Err(err),
+                    }
+                }
+                _ => return Err(err),
+            };
+            if attempt >= policy.max_attempts {
+                return Err(err);
+            }
+            warn!(name = %full_name, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying create");
+            if !wait.is_zero() && !self.wait(budget, wait).await {
+                return Err(err);
+            }
+        }
+    }
+
     async fn create_once(
         &self,
+        budget: &Budget,
         spec: &LaunchSpec,
         full_name: &str,
         env: &BTreeMap<String, String>,
@@ -503,6 +689,7 @@ impl RunPodClient {
                 };
                 let r: GqlRentResult = self
                     .graphql(
+                        budget,
                         "podRentInterruptable",
                         GQL_RENT_SPOT,
                         serde_json::json!({ "input": input }),
@@ -515,15 +702,99 @@ impl RunPodClient {
                     .ok_or_else(|| ProviderError::Transient {
                         detail: "podRentInterruptable returned no pod".into(),
                     })?;
-                // The mutation returns only the id; read the full pod over REST.
-                match self.get(&PodId(id.id.clone())).await? {
-                    Some(p) => Ok(p),
-                    None => Err(ProviderError::Transient {
-                        detail: format!("spot pod {} vanished right after creation", id.id),
-                    }),
-                }
+                let id = PodId(id.id);
+                // The mutation returns only the id. Rented means rented: whatever GET says
+                // from now on, this call returns the id, so the caller records it and never
+                // rents a second pod for the same name.
+                let known = Pod {
+                    id: id.clone(),
+                    name: full_name.to_owned(),
+                    state: crate::model::PodState::Provisioning,
+                    gpu_type: Some(spec.gpu_type.clone()),
+                    gpu_count: spec.gpu_count,
+                    usd_per_hour: Usd(bid.dollars() * f64::from(spec.gpu_count)),
+                    created_at: None,
+                    ssh: None,
+                    env: env.clone(),
+                };
+                Ok(self.read_new_pod(budget, known).await)
             }
         }
+    }
+
+    /// Reads a pod just rented. A 404 right after creation is RunPod's listing lag, not a
+    /// vanished pod: poll over the propagation window; if it is still invisible (or GET
+    /// fails), return what is known.
+    async fn read_new_pod(&self, budget: &Budget, known: Pod) -> Pod {
+        let mut waits = PropagationWaits::default();
+        loop {
+            match self.get_in(budget, &known.id).await {
+                Ok(Some(p)) => return p,
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(pod = %known.id, error = %e, "reading a pod just rented failed; returning what is known");
+                    return known;
+                }
+            }
+            let Some(d) = waits.next() else {
+                warn!(pod = %known.id, "pod just rented is not visible yet; returning what is known");
+                return known;
+            };
+            if !self.wait(budget, d).await {
+                return known;
+            }
+        }
+    }
+}
+
+/// The deadline of one public call, on the client's clock.
+struct Budget {
+    deadline: Timestamp,
+}
+
+/// What a lookup over the propagation window found.
+enum Lookup {
+    /// The pod is there.
+    Found(Box<Pod>),
+    /// The whole window passed without it.
+    Absent,
+    /// The window did not fit the call's deadline.
+    OutOfTime,
+}
+
+/// First wait of the propagation window: RunPod usually lists a new pod within a second.
+const PROPAGATION_FIRST_WAIT: Duration = Duration::from_millis(250);
+/// How long a new pod may stay invisible to GET and list: seen for several seconds after
+/// creation; ~8 s of doubling waits covers it while leaving most of a call's minute.
+const PROPAGATION_WINDOW: Duration = Duration::from_secs(8);
+
+/// The waits of the propagation window: 0.25 s doubling, the last one trimmed so they add
+/// up to exactly [`PROPAGATION_WINDOW`].
+struct PropagationWaits {
+    next: Duration,
+    waited: Duration,
+}
+
+impl Default for PropagationWaits {
+    fn default() -> Self {
+        PropagationWaits {
+            next: PROPAGATION_FIRST_WAIT,
+            waited: Duration::ZERO,
+        }
+    }
+}
+
+impl Iterator for PropagationWaits {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let left = PROPAGATION_WINDOW.saturating_sub(self.waited);
+        if left.is_zero() {
+            return None;
+        }
+        let d = self.next.min(left);
+        self.waited += d;
+        self.next = self.next.saturating_mul(2);
+        Some(d)
     }
 }
 
@@ -554,80 +825,43 @@ fn encode(s: &str) -> String {
 #[async_trait]
 impl CloudProvider for RunPodClient {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
-        let owner = &self.settings.owner;
-        let full_name = format!("{}{}", owner.name_prefix, spec.name);
-        let mut env = spec.env.clone();
-        env.insert(OwnerMarker::ENV.to_owned(), owner.owner.clone());
-        let policy = &self.settings.retry;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let err = match self.create_once(spec, &full_name, &env).await {
-                Ok(p) => return Ok(p),
-                Err(e) => e,
-            };
-            let wait = match &err {
-                ProviderError::RateLimited { retry_after }
-                    if *retry_after <= policy.max_retry_after =>
-                {
-                    // Rejected before anything was created: safe to send again.
-                    (*retry_after).max(policy.backoff(attempt))
-                }
-                ProviderError::Transient { .. } => {
-                    // Ambiguous: the pod may exist (RunPod has answered 500 to creates that
-                    // did create a billing pod). Look it up by its unique name first.
-                    match self.find_by_name(&full_name).await {
-                        Ok(Some(p)) => {
-                            warn!(pod = %p.id, name = %full_name, "create failed ambiguously but the pod exists; adopting it");
-                            return Ok(p);
-                        }
-                        Ok(None) => {}
-                        // Cannot tell whether it exists: never create blindly.
-                        Err(lookup) => return Err(lookup),
-                    }
-                    policy.backoff(attempt)
-                }
-                _ => return Err(err),
-            };
-            if attempt >= policy.max_attempts {
-                return Err(err);
-            }
-            warn!(name = %full_name, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying create");
-            self.sleeper.sleep(wait).await;
-        }
+        self.call("launch", |b| async move { self.launch_in(&b, spec).await })
+            .await
     }
 
     async fn get(&self, id: &PodId) -> Result<Option<Pod>, ProviderError> {
-        let path = format!("/v2/pods/{}", encode(id.as_str()));
-        match self.rest::<WirePod>(Method::GET, &path, None).await {
-            Ok(p) => Ok(Some(p.into_pod())),
-            Err(ProviderError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.call("get", |b| async move { self.get_in(&b, id).await })
+            .await
     }
 
     async fn list(&self) -> Result<Vec<Pod>, ProviderError> {
-        let owner = &self.settings.owner;
-        Ok(self
-            .list_all()
-            .await?
-            .into_iter()
-            .filter(|p| owner.owns(&p.name, &p.env))
-            .collect())
+        self.call("list", |b| async move { self.list_in(&b).await })
+            .await
     }
 
     async fn terminate(&self, id: &PodId) -> Result<(), ProviderError> {
-        let path = format!("/v2/pods/{}", encode(id.as_str()));
-        let url = format!("{}{}", self.settings.api_url, path);
-        match self.send(Method::DELETE, &url, &path, None, "").await {
-            Ok(_) | Err(ProviderError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.call("terminate", |b| async move {
+            let path = format!("/v2/pods/{}", encode(id.as_str()));
+            let url = format!("{}{}", self.settings.api_url, path);
+            match self.send(&b, Method::DELETE, &url, &path, None, "").await {
+                Ok(_) | Err(ProviderError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn offerings(&self) -> Result<Vec<Offering>, ProviderError> {
+        self.call("offerings", |b| async move { self.offerings_in(&b).await })
+            .await
+    }
+}
+
+impl RunPodClient {
+    async fn offerings_in(&self, budget: &Budget) -> Result<Vec<Offering>, ProviderError> {
         let catalog: WireGpuList = self
             .rest(
+                budget,
                 Method::GET,
                 "/v2/catalog/gpus?include=AVAILABILITY&product=POD",
                 None,
@@ -635,6 +869,7 @@ impl CloudProvider for RunPodClient {
             .await?;
         let spot: GqlGpuTypes = self
             .graphql(
+                budget,
                 "gpuTypes",
                 GQL_GPU_TYPES,
                 serde_json::json!({ "input": { "gpuCount": 1 } }),
@@ -675,5 +910,31 @@ impl CloudProvider for RunPodClient {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn propagation_waits_double_and_add_up_to_the_window() {
+        let waits: Vec<Duration> = PropagationWaits::default().collect();
+        assert_eq!(waits[0], Duration::from_millis(250));
+        assert_eq!(waits[1], Duration::from_millis(500));
+        assert_eq!(waits.iter().sum::<Duration>(), PROPAGATION_WINDOW);
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn the_call_deadline_comes_from_the_runpod_table() {
+        let c: crate::config::RunPodConfig =
+            crate::config::parse_toml("call_deadline = \"15s\"").unwrap();
+        assert_eq!(
+            RunPodSettings::from_config(&c).call_deadline,
+            Duration::from_secs(15)
+        );
+        let default = RunPodSettings::from_config(&Default::default());
+        assert_eq!(default.call_deadline, DEFAULT_CALL_DEADLINE);
     }
 }
