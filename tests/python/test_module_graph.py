@@ -30,6 +30,7 @@ OWNERS = {
     "axum": {"service", "emulator"},
     "csv": {"simulate"},
     "graphql_parser": {"emulator"},
+    "redb": {"reconcile"},
 }
 
 
