@@ -9,6 +9,8 @@
 //! its host key at `/admin/host-key`), [`HostKeyPolicy::Pinned`] accepts only that key.
 //! Private keys are held in [`SshKey`], whose Debug output is redacted.
 
+pub mod pod;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -98,6 +100,11 @@ impl fmt::Debug for SshKey {
 pub struct KnownHosts(Arc<Mutex<HashMap<String, String>>>);
 
 impl KnownHosts {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// The remembered key of `addr`, when any.
     pub fn get(&self, addr: &str) -> Option<String> {
         self.0
@@ -163,7 +170,8 @@ fn key_id(line: &str) -> String {
 
 struct Verifier {
     policy: HostKeyPolicy,
-    addr: String,
+    /// Whose key this is for trust on first use (`host:port`, or a pod id).
+    host_id: String,
     mismatch: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -184,7 +192,9 @@ impl russh::client::Handler for Verifier {
             HostKeyPolicy::Pinned(keys) => keys.iter().any(|k| key_id(k) == seen),
             HostKeyPolicy::TrustOnFirstUse(known) => {
                 let mut map = known.0.lock().unwrap_or_else(|p| p.into_inner());
-                map.entry(self.addr.clone()).or_insert_with(|| seen.clone()) == &seen
+                map.entry(self.host_id.clone())
+                    .or_insert_with(|| seen.clone())
+                    == &seen
             }
         };
         if !ok {
@@ -196,7 +206,7 @@ impl russh::client::Handler for Verifier {
 }
 
 /// Logs in to `target` with `key`, runs `command`, and returns its status and output, all
-/// within `timeout`.
+/// within `timeout`. Trust on first use remembers the host key per `host:port`.
 pub async fn exec(
     target: &SshTarget,
     key: &SshKey,
@@ -204,9 +214,22 @@ pub async fn exec(
     command: &str,
     timeout: Duration,
 ) -> Result<ExecOutput, JoinError> {
+    exec_as(target, &target.addr(), key, policy, command, timeout).await
+}
+
+/// Like [`exec`], with trust on first use keyed by `host_id` (e.g. a pod id: addresses are
+/// reused by other pods, a pod's key must not be).
+pub async fn exec_as(
+    target: &SshTarget,
+    host_id: &str,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    command: &str,
+    timeout: Duration,
+) -> Result<ExecOutput, JoinError> {
     let addr = target.addr();
     let span = tracing::info_span!("ssh.exec", addr = %addr, user = %target.user);
-    let fut = tokio::time::timeout(timeout, exec_inner(target, key, policy, command));
+    let fut = tokio::time::timeout(timeout, exec_inner(target, host_id, key, policy, command));
     match tracing::Instrument::instrument(fut, span).await {
         Ok(r) => r,
         Err(_) => Err(JoinError::Timeout {
@@ -218,6 +241,7 @@ pub async fn exec(
 
 async fn exec_inner(
     target: &SshTarget,
+    host_id: &str,
     key: &SshKey,
     policy: &HostKeyPolicy,
     command: &str,
@@ -226,7 +250,7 @@ async fn exec_inner(
     let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handler = Verifier {
         policy: policy.clone(),
-        addr: addr.clone(),
+        host_id: host_id.to_owned(),
         mismatch: mismatch.clone(),
     };
     let config = Arc::new(russh::client::Config {
