@@ -227,7 +227,7 @@ consumer_group = "committed-300"
 topics = ["{TOPIC}"]
 lag_threshold = 100
 allow_idle_consumers = true
-timeout = "1s"
+timeout = "200ms"
 poll_interval = "200ms"
 "#,
         tansu.servers()
