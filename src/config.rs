@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::{PodTemplate, Policy, PolicyKind};
 use crate::model::{GpuTypeId, Secret, Usd};
-use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
+use crate::signals::kafka::{
+    KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy, DEFAULT_PERSISTENT_LAG_WINDOW,
+};
 use crate::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
 
 /// Prefix of environment overrides; `__` separates path segments
@@ -214,9 +216,13 @@ pub struct KafkaSourceConfig {
     /// Do not cap the total at partitions × lag_threshold.
     #[serde(default)]
     pub allow_idle_consumers: bool,
-    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    /// A partition with lag whose commit has not moved for `persistent_lag_window` counts 0
+    /// for scaling (still counted for activation).
     #[serde(default)]
     pub exclude_persistent_lag: bool,
+    /// How long a commit must stay put before its lag is persistent.
+    #[serde(with = "humantime_serde", default = "defaults::persistent_lag_window")]
+    pub persistent_lag_window: Duration,
     /// Partitions without a commit count 0.
     #[serde(default)]
     pub scale_to_zero_on_invalid_offset: bool,
@@ -304,6 +310,7 @@ impl KafkaSourceConfig {
                 offset_reset_policy: self.offset_reset_policy,
                 allow_idle_consumers: self.allow_idle_consumers,
                 exclude_persistent_lag: self.exclude_persistent_lag,
+                persistent_lag_window: self.persistent_lag_window,
                 scale_to_zero_on_invalid_offset: self.scale_to_zero_on_invalid_offset,
                 limit_to_partitions_with_lag: self.limit_to_partitions_with_lag,
                 partition_limitation: self.partition_limitation.clone(),
@@ -466,6 +473,10 @@ mod defaults {
     /// KEDA's kafka-scaler default.
     pub fn lag_threshold() -> i64 {
         10
+    }
+    /// See [`DEFAULT_PERSISTENT_LAG_WINDOW`] for why two minutes.
+    pub fn persistent_lag_window() -> Duration {
+        DEFAULT_PERSISTENT_LAG_WINDOW
     }
     pub fn yes() -> bool {
         true
@@ -962,6 +973,7 @@ mod tests {
         assert_eq!(s.options.offset_reset_policy, OffsetResetPolicy::Earliest);
         assert_eq!(s.timeout, Duration::from_secs(3));
         assert_eq!(k.poll_interval, None);
+        assert_eq!(s.options.persistent_lag_window, Duration::from_secs(120));
         let Some(LatencySourceConfig::Prometheus(p)) = &c.signals.latency else {
             panic!("prometheus expected")
         };
@@ -1007,6 +1019,16 @@ mod tests {
                 "offset_reset_policy = \"earliest\"",
                 "offset_reset_policy = \"newest\"",
                 "newest",
+            ),
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 50\npersistent_lag_window = \"0s\"",
+                "signals.queue.persistent_lag_window",
+            ),
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 50\npersistent_lag_window = \"soon\"",
+                "\"soon\", expected a duration",
             ),
             (
                 "lag_threshold = 50",

@@ -1,17 +1,20 @@
 //! Consumer-group lag against a real tansu broker: 8 partitions, 1000 messages, a group that
 //! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap;
-//! persistent-lag exclusion across two polls; a stopped broker (typed error, stale sample,
-//! planner holds); TLS to a broker behind a TLS front, trusted and untrusted.
+//! persistent-lag exclusion once a commit has not moved for the window (manual clock); a
+//! stopped broker (typed error, stale sample, planner holds); TLS to a broker behind a TLS
+//! front, trusted and untrusted.
 
 mod support;
 
 use support::service::{loopback_parts, wait_for_snapshot};
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use runpod_autoscaler::clock::{ManualClock, SystemClock};
 use runpod_autoscaler::config::Config;
 use runpod_autoscaler::decide::Hold;
-use runpod_autoscaler::model::{Reading, SignalKind};
+use runpod_autoscaler::model::{Reading, SignalKind, Timestamp};
 use runpod_autoscaler::service;
 use runpod_autoscaler::signals::kafka::{
     KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy,
@@ -33,6 +36,11 @@ fn settings(tansu: &Tansu, group: &str, options: LagOptions) -> KafkaLagSettings
         security: KafkaSecurity::default(),
         timeout: Duration::from_secs(5),
     }
+}
+
+/// A source on the system clock (tests of the persistent-lag window inject a manual one).
+fn lag_source(settings: KafkaLagSettings) -> Result<KafkaLagSource, SignalError> {
+    KafkaLagSource::new(settings, Arc::new(SystemClock))
 }
 
 fn options(f: impl FnOnce(&mut LagOptions)) -> LagOptions {
@@ -66,7 +74,7 @@ async fn poll_until(source: &KafkaLagSource, what: &str, want: i64) -> LagReport
 #[tokio::test]
 async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
     let tansu = loaded().await;
-    let source = KafkaLagSource::new(settings(&tansu, "committed-300", options(|_| {}))).unwrap();
+    let source = lag_source(settings(&tansu, "committed-300", options(|_| {}))).unwrap();
     let report = poll_until(&source, "lag 700", 700).await;
     assert_eq!(report.partitions.len(), 8);
     assert_eq!(report.total_lag, 700);
@@ -77,7 +85,7 @@ async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
     }
 
     // The cap: 700 / 10 = 70 > 8 partitions → 8 × 10 = 80 (KEDA's rule).
-    let capped = KafkaLagSource::new(settings(
+    let capped = lag_source(settings(
         &tansu,
         "committed-300",
         options(|o| {
@@ -90,7 +98,7 @@ async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
     assert_eq!((report.metric, report.total_lag), (80, 700));
 
     // partitionLimitation: only partitions 0 and 1 (87 + 87; they hold the 38-offset commits).
-    let limited = KafkaLagSource::new(settings(
+    let limited = lag_source(settings(
         &tansu,
         "committed-300",
         options(|o| o.partition_limitation = vec![0, 1]),
@@ -100,7 +108,7 @@ async fn lag_of_a_group_that_committed_300_of_1000_is_700() {
 
     // Activation is strict: 700 > 699 but not > 700.
     for (threshold, active) in [(699, true), (700, false)] {
-        let s = KafkaLagSource::new(settings(
+        let s = lag_source(settings(
             &tansu,
             "committed-300",
             options(|o| o.activation_lag_threshold = threshold),
@@ -115,12 +123,12 @@ async fn uncommitted_partitions_follow_the_reset_policy() {
     let tansu = loaded().await;
     // Partitions 0..4 committed at 100 of 125 (lag 25 each), 4..8 never committed.
     tansu.commit("half", TOPIC, &[(0, 100), (1, 100), (2, 100), (3, 100)]);
-    let latest = KafkaLagSource::new(settings(&tansu, "half", options(|_| {}))).unwrap();
+    let latest = lag_source(settings(&tansu, "half", options(|_| {}))).unwrap();
     // latest: each uncommitted partition counts 1.
     poll_until(&latest, "latest-policy lag 104", 104).await;
 
     // earliest: each uncommitted partition counts log-end − log-start = 125.
-    let earliest = KafkaLagSource::new(settings(
+    let earliest = lag_source(settings(
         &tansu,
         "half",
         options(|o| o.offset_reset_policy = OffsetResetPolicy::Earliest),
@@ -130,7 +138,7 @@ async fn uncommitted_partitions_follow_the_reset_policy() {
 
     // scaleToZeroOnInvalidOffset: uncommitted partitions count 0 under either policy.
     for policy in [OffsetResetPolicy::Latest, OffsetResetPolicy::Earliest] {
-        let zero = KafkaLagSource::new(settings(
+        let zero = lag_source(settings(
             &tansu,
             "half",
             options(|o| {
@@ -143,11 +151,11 @@ async fn uncommitted_partitions_follow_the_reset_policy() {
     }
 
     // A group that never committed anything: 8 under latest (and not 0).
-    let none = KafkaLagSource::new(settings(&tansu, "never", options(|_| {}))).unwrap();
+    let none = lag_source(settings(&tansu, "never", options(|_| {}))).unwrap();
     assert_eq!(none.poll().await.unwrap().metric, 8);
 
     // limitToPartitionsWithLag with the cap: 8 partitions have lag → 8 × 10.
-    let limited = KafkaLagSource::new(settings(
+    let limited = lag_source(settings(
         &tansu,
         "half",
         options(|o| {
@@ -160,34 +168,52 @@ async fn uncommitted_partitions_follow_the_reset_policy() {
 }
 
 #[tokio::test]
-async fn persistent_lag_is_excluded_on_the_second_poll() {
+async fn persistent_lag_is_excluded_once_the_commit_has_not_moved_for_the_window() {
     let tansu = loaded().await;
-    let source = KafkaLagSource::new(settings(
-        &tansu,
-        "committed-300",
-        options(|o| o.exclude_persistent_lag = true),
-    ))
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let window = LagOptions::default().persistent_lag_window;
+    assert_eq!(window, Duration::from_secs(120));
+    let source = KafkaLagSource::new(
+        settings(
+            &tansu,
+            "committed-300",
+            options(|o| o.exclude_persistent_lag = true),
+        ),
+        Arc::new(clock.clone()),
+    )
     .unwrap();
-    // First poll: nothing known yet, all lag counts.
+    // First sighting of the commits: all lag counts.
     let first = poll_until(&source, "lag 700", 700).await;
     assert!(first.active);
-    // Second poll: no commit moved → scaling lag 0, but still active (lag with persistent).
-    let second = source.poll().await.unwrap();
-    assert_eq!(second.metric, 0);
-    assert_eq!(second.total_lag_with_persistent, 700);
-    assert!(second.active);
+    // One second later nothing moved: a worker busy on one long job is not stuck yet.
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(source.poll().await.unwrap().metric, 700);
+    // Just under the window: still counted.
+    clock.advance(window - Duration::from_secs(2));
+    assert_eq!(source.poll().await.unwrap().metric, 700);
+    // The whole window without a commit moving: scaling lag 0, still active.
+    clock.advance(Duration::from_secs(1));
+    let stuck = source.poll().await.unwrap();
+    assert_eq!(stuck.metric, 0);
+    assert_eq!(stuck.total_lag_with_persistent, 700);
+    assert!(stuck.active);
     // Partition 0 moves on (38 → 100): it counts again, the others stay excluded.
     let mut commits = even_commits(PARTITIONS, 300);
     commits[0].1 = 100;
     tansu.commit("committed-300", TOPIC, &commits);
-    let third = eventually(
+    let moved = eventually(
         "partition 0 commit visible",
         Duration::from_secs(20),
         || async { source.poll().await.ok().filter(|r| r.metric > 0) },
     )
     .await;
-    assert_eq!(third.metric, 25);
-    assert_eq!(third.partitions[0].lag, 25);
+    assert_eq!(moved.metric, 25);
+    assert_eq!(moved.partitions[0].lag, 25);
+    // Its window restarted when it moved: excluded again only a whole window later.
+    clock.advance(window - Duration::from_secs(1));
+    assert_eq!(source.poll().await.unwrap().metric, 25);
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(source.poll().await.unwrap().metric, 0);
 }
 
 #[tokio::test]
@@ -195,7 +221,7 @@ async fn unknown_topic_is_a_typed_error() {
     let tansu = Tansu::start().await;
     let mut s = settings(&tansu, "g", options(|_| {}));
     s.topics = vec!["no-such-topic".into()];
-    let err = KafkaLagSource::new(s).unwrap().poll().await.unwrap_err();
+    let err = lag_source(s).unwrap().poll().await.unwrap_err();
     assert!(
         matches!(err, SignalError::NotFound { .. }),
         "{err:?} should be NotFound"
@@ -280,7 +306,7 @@ poll_interval = "200ms"
     assert!(metrics.contains("runpod_autoscaler_signal_failures_total{signal=\"queue_lag\"}"));
 
     // The source itself reports a typed error.
-    let direct = KafkaLagSource::new(KafkaLagSettings {
+    let direct = lag_source(KafkaLagSettings {
         bootstrap_servers: tansu.servers(),
         group: "committed-300".into(),
         topics: vec![TOPIC.into()],
@@ -341,7 +367,7 @@ async fn lag_over_tls_with_a_trusted_ca_and_a_clear_error_without() {
         ssl_ca_file: tansu.tls_ca_file.clone(),
         ..KafkaSecurity::default()
     };
-    let source = KafkaLagSource::new(tls.clone()).unwrap();
+    let source = lag_source(tls.clone()).unwrap();
     let report = poll_until(&source, "lag 60 over TLS", 60).await;
     assert_eq!(report.partitions.len(), 4);
 
@@ -353,11 +379,7 @@ async fn lag_over_tls_with_a_trusted_ca_and_a_clear_error_without() {
     let mut untrusted = tls.clone();
     untrusted.security.ssl_ca_file = Some(other_ca_file);
     untrusted.timeout = Duration::from_secs(2);
-    let err = KafkaLagSource::new(untrusted)
-        .unwrap()
-        .poll()
-        .await
-        .unwrap_err();
+    let err = lag_source(untrusted).unwrap().poll().await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -370,5 +392,5 @@ async fn lag_over_tls_with_a_trusted_ca_and_a_clear_error_without() {
     let mut plain = tls;
     plain.security = KafkaSecurity::default();
     plain.timeout = Duration::from_secs(2);
-    assert!(KafkaLagSource::new(plain).unwrap().poll().await.is_err());
+    assert!(lag_source(plain).unwrap().poll().await.is_err());
 }

@@ -1,8 +1,8 @@
 //! Kafka consumer-group lag with the semantics of KEDA's `kafka` scaler.
 //!
-//! Two halves: [`compute_lag`] is the pure arithmetic (committed offsets + watermarks + the
-//! previous poll's commits + options → per-partition lag, capped metric, activation), and
-//! [`KafkaLagSource`] is the rdkafka I/O around it. One poll issues one OffsetFetch for every
+//! Two halves: [`compute_lag`] is the pure arithmetic (committed offsets + watermarks + since
+//! when each commit has not moved + the time now + options → per-partition lag, capped metric,
+//! activation), and [`KafkaLagSource`] is the rdkafka I/O around it. One poll issues one OffsetFetch for every
 //! partition and one batched ListOffsets (latest) concurrently with it, plus a batched
 //! ListOffsets (earliest) only when the earliest reset policy needs log starts. Topic metadata
 //! is cached for [`METADATA_REFRESH`]. rdkafka is imported by this module only.
@@ -23,7 +23,8 @@ use serde::Serialize;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::source::{SignalError, SignalSource};
-use crate::model::{Reading, Secret, SignalKind};
+use crate::clock::Clock;
+use crate::model::{Reading, Secret, SignalKind, Timestamp};
 
 const BACKEND: &str = "kafka";
 
@@ -37,6 +38,15 @@ pub const METADATA_REFRESH: Duration = Duration::from_secs(30);
 /// arrive per second at most (more with `debug=protocol`: a few per request), so 4096 per poll
 /// keeps the queue empty without letting a flood stall a poll.
 const MAX_EVENTS_SERVED_PER_POLL: usize = 4096;
+
+/// How long a partition's committed offset must stay put, with lag behind it, before
+/// `excludePersistentLag` counts that lag as stuck. A worker commits when a job ends, so one
+/// busy on a long job looks stuck to KEDA's rule (no commit since the previous poll) at any poll
+/// interval shorter than the job. Two minutes is many times a typical job here (the
+/// simulator's reference workload serves 4 jobs per GPU per minute) and still well inside the
+/// HPA's default 5-minute scale-down stabilization, so a truly stuck partition stops driving
+/// scale-up before it could hold replicas for a whole stabilization window.
+pub const DEFAULT_PERSISTENT_LAG_WINDOW: Duration = Duration::from_secs(120);
 
 /// What a partition without a committed offset counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
@@ -60,8 +70,11 @@ pub struct LagOptions {
     pub offset_reset_policy: OffsetResetPolicy,
     /// When false, the total is capped at partitions × `lag_threshold`.
     pub allow_idle_consumers: bool,
-    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    /// A partition with lag whose commit has not moved for `persistent_lag_window` counts 0
+    /// for scaling (still counted for activation).
     pub exclude_persistent_lag: bool,
+    /// How long a commit must stay put before its lag is persistent (> 0).
+    pub persistent_lag_window: Duration,
     /// Partitions without a commit count 0.
     pub scale_to_zero_on_invalid_offset: bool,
     /// Cap at partitions-with-lag × `lag_threshold` instead of all partitions.
@@ -79,6 +92,7 @@ impl Default for LagOptions {
             offset_reset_policy: OffsetResetPolicy::Latest,
             allow_idle_consumers: false,
             exclude_persistent_lag: false,
+            persistent_lag_window: DEFAULT_PERSISTENT_LAG_WINDOW,
             scale_to_zero_on_invalid_offset: false,
             limit_to_partitions_with_lag: false,
             partition_limitation: Vec::new(),
@@ -151,18 +165,30 @@ impl LagReport {
     }
 }
 
-/// Committed offsets seen at the previous poll, for `excludePersistentLag`.
-pub type PreviousCommits = HashMap<(String, i32), i64>;
+/// A partition's committed offset as last seen, and since when it has not moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitSeen {
+    /// The committed offset.
+    pub offset: i64,
+    /// When this offset was first seen (the commit has not moved since).
+    pub since: Timestamp,
+}
 
-/// KEDA's kafka-scaler lag arithmetic. Pure: given the offsets read now, the commits seen at the
-/// previous poll and the options, returns the report and the commits to remember for the next
-/// poll. Negative differences (a commit past a stale watermark) count 0.
+/// What `excludePersistentLag` remembers between polls, per (topic, partition).
+pub type CommitHistory = HashMap<(String, i32), CommitSeen>;
+
+/// KEDA's kafka-scaler lag arithmetic. Pure: given the offsets read `now`, what was remembered
+/// of each commit (offset and since when unchanged) and the options, returns the report and the
+/// history to remember for the next poll. A partition's lag is persistent once its commit has
+/// not moved for `persistent_lag_window`; a commit seen for the first time is taken as moving
+/// now. Negative differences (a commit past a stale watermark) count 0.
 pub fn compute_lag(
     offsets: &[PartitionOffsets],
-    previous: &PreviousCommits,
+    history: &CommitHistory,
     options: &LagOptions,
-) -> (LagReport, PreviousCommits) {
-    let mut next = PreviousCommits::new();
+    now: Timestamp,
+) -> (LagReport, CommitHistory) {
+    let mut next = CommitHistory::new();
     let mut partitions = Vec::with_capacity(offsets.len());
     let (mut total, mut total_persistent, mut counted, mut with_lag) = (0i64, 0i64, 0i64, 0i64);
     let mut sorted: Vec<&PartitionOffsets> = offsets
@@ -190,11 +216,22 @@ pub fn compute_lag(
             }
             Some(committed) => {
                 let lag = p.log_end.saturating_sub(committed).max(0);
-                let key = (p.topic.clone(), p.partition);
-                let persistent = options.exclude_persistent_lag
-                    && previous.get(&key).is_some_and(|prev| *prev == committed);
+                let mut persistent = false;
                 if options.exclude_persistent_lag {
-                    next.insert(key, committed);
+                    let key = (p.topic.clone(), p.partition);
+                    let since = match history.get(&key) {
+                        Some(seen) if seen.offset == committed => seen.since,
+                        _ => now,
+                    };
+                    persistent =
+                        lag > 0 && now.saturating_since(since) >= options.persistent_lag_window;
+                    next.insert(
+                        key,
+                        CommitSeen {
+                            offset: committed,
+                            since,
+                        },
+                    );
                 }
                 if persistent {
                     (0, lag)
@@ -293,6 +330,8 @@ pub enum LagSetting {
     LimitToPartitionsWithLag,
     /// Partition ids that count.
     PartitionLimitation,
+    /// How long a commit must stay put before its lag is persistent.
+    PersistentLagWindow,
     /// SASL user name.
     SaslUsername,
     /// Bound on one poll.
@@ -310,6 +349,7 @@ impl LagSetting {
             LagSetting::ActivationLagThreshold => "signals.queue.activation_lag_threshold",
             LagSetting::LimitToPartitionsWithLag => "signals.queue.limit_to_partitions_with_lag",
             LagSetting::PartitionLimitation => "signals.queue.partition_limitation",
+            LagSetting::PersistentLagWindow => "signals.queue.persistent_lag_window",
             LagSetting::SaslUsername => "signals.queue.sasl_username",
             LagSetting::Timeout => "signals.queue.timeout",
         }
@@ -325,6 +365,7 @@ impl LagSetting {
             LagSetting::ActivationLagThreshold => "activationLagThreshold",
             LagSetting::LimitToPartitionsWithLag => "limitToPartitionsWithLag",
             LagSetting::PartitionLimitation => "partitionLimitation",
+            LagSetting::PersistentLagWindow => "persistentLagWindow",
             LagSetting::SaslUsername => "sasl.username",
             LagSetting::Timeout => "timeout",
         }
@@ -413,6 +454,13 @@ impl KafkaLagSettings {
                 LagSetting::PartitionLimitation,
                 "needs exactly one topic".into(),
                 "name exactly one topic, or remove the partition limitation",
+            );
+        }
+        if o.persistent_lag_window.is_zero() {
+            return invalid(
+                LagSetting::PersistentLagWindow,
+                "is 0".into(),
+                "set how long a commit must stay put before its lag counts as stuck, e.g. \"2m\"",
             );
         }
         if self.security.sasl_password.is_some() && self.security.sasl_username.is_none() {
@@ -510,7 +558,8 @@ type Client = BaseConsumer<KafkaClientContext>;
 struct Cache {
     /// The topic map and when it was read.
     topics: Option<(Instant, TopicMap)>,
-    previous: PreviousCommits,
+    /// Commits and since when they have not moved (`excludePersistentLag`).
+    history: CommitHistory,
 }
 
 /// Consumer-group lag from a Kafka-compatible broker. The rdkafka client is created once and
@@ -520,6 +569,7 @@ pub struct KafkaLagSource {
     settings: KafkaLagSettings,
     cache: Mutex<Cache>,
     poll_interval: Option<Duration>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for KafkaLagSource {
@@ -630,18 +680,22 @@ fn map_error(e: &KafkaError, settings: &KafkaLagSettings, what: &str) -> SignalE
 }
 
 impl KafkaLagSource {
-    /// A source for `settings`. Creating the client does not contact the broker; the first poll
-    /// does. Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build
-    /// without it).
-    pub fn new(settings: KafkaLagSettings) -> Result<Self, SignalError> {
-        Self::build(settings, false)
+    /// A source for `settings`, timing `excludePersistentLag` with `clock` (the system clock in
+    /// production). Creating the client does not contact the broker; the first poll does.
+    /// Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build without
+    /// it).
+    pub fn new(settings: KafkaLagSettings, clock: Arc<dyn Clock>) -> Result<Self, SignalError> {
+        Self::build(settings, clock, false)
     }
 
     /// Like [`new`](Self::new), with librdkafka's protocol debugging on so that
     /// [`requests_sent`](Self::requests_sent) counts every broker request (for benchmarks and
     /// diagnosis; it logs a line per request at trace level).
-    pub fn with_request_counting(settings: KafkaLagSettings) -> Result<Self, SignalError> {
-        Self::build(settings, true)
+    pub fn with_request_counting(
+        settings: KafkaLagSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SignalError> {
+        Self::build(settings, clock, true)
     }
 
     /// Broker requests librdkafka sent so far, by type (counted only when created
@@ -666,7 +720,11 @@ impl KafkaLagSource {
         }
     }
 
-    fn build(settings: KafkaLagSettings, count_requests: bool) -> Result<Self, SignalError> {
+    fn build(
+        settings: KafkaLagSettings,
+        clock: Arc<dyn Clock>,
+        count_requests: bool,
+    ) -> Result<Self, SignalError> {
         let mut config = client_config(&settings);
         if count_requests {
             // Protocol debug lines are logged at debug level: let them through.
@@ -685,9 +743,10 @@ impl KafkaLagSource {
             settings,
             cache: Mutex::new(Cache {
                 topics: None,
-                previous: PreviousCommits::new(),
+                history: CommitHistory::new(),
             }),
             poll_interval: None,
+            clock,
         })
     }
 
@@ -698,7 +757,8 @@ impl KafkaLagSource {
     }
 
     /// A source for other topics and options of the same brokers and group that shares this
-    /// source's client (its connections and metadata); its persistent-lag memory is its own.
+    /// source's client (its connections and metadata) and clock; its persistent-lag memory is
+    /// its own.
     pub fn sharing_client(&self, topics: Vec<String>, options: LagOptions) -> KafkaLagSource {
         KafkaLagSource {
             consumer: Arc::clone(&self.consumer),
@@ -709,9 +769,10 @@ impl KafkaLagSource {
             },
             cache: Mutex::new(Cache {
                 topics: None,
-                previous: PreviousCommits::new(),
+                history: CommitHistory::new(),
             }),
             poll_interval: self.poll_interval,
+            clock: Arc::clone(&self.clock),
         }
     }
 
@@ -742,9 +803,11 @@ impl KafkaLagSource {
         self.serve_events();
         match result {
             Ok(Ok((offsets, count))) => {
-                let previous = self.lock().previous.clone();
-                let (report, next) = compute_lag(&offsets, &previous, &self.settings.options);
-                self.lock().previous = next;
+                // The commits were just read: this is when they were seen.
+                let now = self.clock.now();
+                let history = self.lock().history.clone();
+                let (report, next) = compute_lag(&offsets, &history, &self.settings.options, now);
+                self.lock().history = next;
                 debug!(
                     metric = report.metric,
                     total = report.total_lag,
@@ -986,6 +1049,10 @@ impl SignalSource for KafkaLagSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+
+    /// An arbitrary time for computations that do not depend on it.
+    const T0: Timestamp = Timestamp::from_secs(1_000);
 
     fn p(partition: i32, committed: Option<i64>, start: i64, end: i64) -> PartitionOffsets {
         PartitionOffsets {
@@ -1117,7 +1184,7 @@ mod tests {
             ("no partitions", vec![], opts(|_| {}), 0, 0, false),
         ];
         for (name, offsets, o, metric, with_persistent, active) in cases {
-            let (r, _) = compute_lag(&offsets, &PreviousCommits::new(), &o);
+            let (r, _) = compute_lag(&offsets, &CommitHistory::new(), &o, T0);
             assert_eq!(r.metric, metric, "{name}: metric");
             assert_eq!(
                 r.total_lag_with_persistent, with_persistent,
@@ -1169,7 +1236,7 @@ mod tests {
             ),
         ];
         for (name, o, value, max_workers) in cases {
-            let (r, _) = compute_lag(&four, &PreviousCommits::new(), &o);
+            let (r, _) = compute_lag(&four, &CommitHistory::new(), &o, T0);
             assert_eq!(
                 r.planner_reading(&o),
                 Reading { value, max_workers },
@@ -1179,23 +1246,184 @@ mod tests {
     }
 
     #[test]
-    fn persistent_lag_is_excluded_on_the_second_poll_but_still_activates() {
-        let o = opts(|o| o.exclude_persistent_lag = true);
+    fn persistent_lag_needs_a_commit_unmoved_for_the_whole_window() {
+        const WINDOW: Duration = Duration::from_secs(120);
+        let seen = |offset, since_ms| CommitSeen {
+            offset,
+            since: Timestamp::from_millis(since_ms),
+        };
+        // (name, remembered, committed, log end, now in ms, excludePersistentLag,
+        //  lag for scaling, lag with persistent, remembered next)
+        type Case = (
+            &'static str,
+            Option<CommitSeen>,
+            Option<i64>,
+            i64,
+            u64,
+            bool,
+            i64,
+            i64,
+            Option<CommitSeen>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "first sighting: taken as moving now",
+                None,
+                Some(10),
+                100,
+                5_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 5_000)),
+            ),
+            (
+                "unmoved for 1 s (a busy worker at a 1 s poll): still counts",
+                Some(seen(10, 4_000)),
+                Some(10),
+                100,
+                5_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 4_000)),
+            ),
+            (
+                "unmoved for just under the window: still counts",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                119_999,
+                true,
+                90,
+                90,
+                Some(seen(10, 0)),
+            ),
+            (
+                "unmoved for the whole window: persistent, counts only for activation",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                120_000,
+                true,
+                0,
+                90,
+                Some(seen(10, 0)),
+            ),
+            (
+                "the commit moved after a long pause: counts, and the window restarts",
+                Some(seen(10, 0)),
+                Some(11),
+                100,
+                600_000,
+                true,
+                89,
+                89,
+                Some(seen(11, 600_000)),
+            ),
+            (
+                "no lag is never persistent lag, but its commit is remembered",
+                Some(seen(100, 0)),
+                Some(100),
+                100,
+                600_000,
+                true,
+                0,
+                0,
+                Some(seen(100, 0)),
+            ),
+            (
+                "a clock that went back is no reason to exclude",
+                Some(seen(10, 500_000)),
+                Some(10),
+                100,
+                100_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 500_000)),
+            ),
+            (
+                "an uncommitted partition is never persistent and not remembered",
+                None,
+                None,
+                100,
+                600_000,
+                true,
+                1,
+                1,
+                None,
+            ),
+            (
+                "without the option nothing is remembered or excluded",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                600_000,
+                false,
+                90,
+                90,
+                None,
+            ),
+        ];
+        let key = ("jobs".to_owned(), 0);
+        for (name, remembered, committed, end, now, exclude, lag, with_persistent, next) in cases {
+            let o = opts(|o| {
+                o.exclude_persistent_lag = exclude;
+                o.persistent_lag_window = WINDOW;
+            });
+            let history: CommitHistory = remembered.map(|r| (key.clone(), r)).into_iter().collect();
+            let (r, after) = compute_lag(
+                &[p(0, committed, 0, end)],
+                &history,
+                &o,
+                Timestamp::from_millis(now),
+            );
+            assert_eq!(r.partitions[0].lag, lag, "{name}: lag");
+            assert_eq!(
+                r.partitions[0].lag_with_persistent, with_persistent,
+                "{name}: lag with persistent"
+            );
+            assert_eq!(r.metric, lag, "{name}: metric");
+            assert_eq!(r.active, with_persistent > 0, "{name}: active");
+            assert_eq!(after.get(&key).copied(), next, "{name}: remembered");
+        }
+    }
+
+    #[test]
+    fn a_custom_window_applies_per_partition() {
+        let o = opts(|o| {
+            o.exclude_persistent_lag = true;
+            o.persistent_lag_window = Duration::from_secs(30);
+        });
+        let t = |s| Timestamp::from_secs(s);
         let first = vec![p(0, Some(10), 0, 100), p(1, Some(50), 0, 100)];
-        let (r1, prev) = compute_lag(&first, &PreviousCommits::new(), &o);
-        assert_eq!(r1.metric, 140);
-        // Partition 0 did not move; partition 1 did.
+        let (r, h) = compute_lag(&first, &CommitHistory::new(), &o, t(1_000));
+        assert_eq!(r.metric, 140);
+        // 20 s later partition 1 moved, partition 0 did not: both still count.
         let second = vec![p(0, Some(10), 0, 110), p(1, Some(60), 0, 110)];
-        let (r2, prev2) = compute_lag(&second, &prev, &o);
-        assert_eq!(r2.partitions[0].lag, 0);
-        assert_eq!(r2.partitions[0].lag_with_persistent, 100);
-        assert_eq!(r2.metric, 50);
-        assert_eq!(r2.total_lag_with_persistent, 150);
-        assert!(r2.active);
-        assert_eq!(prev2.get(&("jobs".into(), 1)), Some(&60));
-        // Without the option nothing is remembered.
-        let (_, none) = compute_lag(&first, &PreviousCommits::new(), &opts(|_| {}));
-        assert!(none.is_empty());
+        let (r, h) = compute_lag(&second, &h, &o, t(1_020));
+        assert_eq!(r.metric, 150);
+        // 30 s after partition 0 was first seen: it is stuck; partition 1 (moved at 1,020) is
+        // not yet.
+        let (r, _) = compute_lag(&second, &h, &o, t(1_030));
+        assert_eq!((r.partitions[0].lag, r.partitions[1].lag), (0, 50));
+        assert_eq!((r.metric, r.total_lag_with_persistent), (50, 150));
+        assert!(r.active);
+    }
+
+    #[test]
+    fn a_zero_window_is_rejected_naming_both_keys() {
+        let mut s = settings(KafkaSecurity::default());
+        s.options.persistent_lag_window = Duration::ZERO;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.setting, LagSetting::PersistentLagWindow);
+        assert_eq!(
+            err.setting.config_key(),
+            "signals.queue.persistent_lag_window"
+        );
+        assert_eq!(err.setting.keda_key(), "persistentLagWindow");
+        assert!(err.fix.contains("2m"), "{err}");
     }
 
     fn settings(security: KafkaSecurity) -> KafkaLagSettings {
@@ -1219,7 +1447,7 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let source = KafkaLagSource::new(settings(plain)).unwrap();
+        let source = KafkaLagSource::new(settings(plain), Arc::new(SystemClock)).unwrap();
         assert!(!format!("{source:?}").contains("hunter2"));
         // TLS and SCRAM: librdkafka is built with OpenSSL (the `ssl` feature).
         let scram = KafkaSecurity {
@@ -1229,7 +1457,7 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let source = KafkaLagSource::new(settings(scram)).unwrap();
+        let source = KafkaLagSource::new(settings(scram), Arc::new(SystemClock)).unwrap();
         assert!(!format!("{source:?}").contains("hunter2"));
         // A value librdkafka does not know is a clear configuration error naming the property.
         let bogus = KafkaSecurity {
@@ -1237,7 +1465,7 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let err = KafkaLagSource::new(settings(bogus)).unwrap_err();
+        let err = KafkaLagSource::new(settings(bogus), Arc::new(SystemClock)).unwrap_err();
         assert!(matches!(err, SignalError::InvalidRequest { .. }), "{err:?}");
         assert!(err.to_string().contains("security.protocol"), "{err}");
         assert!(!err.to_string().contains("hunter2"));
@@ -1247,8 +1475,9 @@ mod tests {
     fn huge_offsets_saturate() {
         let (r, _) = compute_lag(
             &[p(0, Some(0), 0, i64::MAX), p(1, Some(0), 0, i64::MAX)],
-            &PreviousCommits::new(),
+            &CommitHistory::new(),
             &opts(|o| o.allow_idle_consumers = true),
+            T0,
         );
         assert_eq!(r.metric, i64::MAX);
     }
