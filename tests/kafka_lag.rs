@@ -1,13 +1,15 @@
 //! Consumer-group lag against a real tansu broker: 8 partitions, 1000 messages, a group that
 //! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap;
-//! persistent-lag exclusion once a commit has not moved for the window (manual clock); a
-//! stopped broker (typed error, stale sample, planner holds); TLS to a broker behind a TLS
-//! front, trusted and untrusted.
+//! persistent-lag exclusion once a commit has
+//! not moved for the window (manual clock); without topics, only the group's own topics are
+//! read (other topics, a deleted one); a stopped broker (typed error, stale sample, planner
+//! holds); TLS to a broker behind a TLS front, trusted and untrusted.
 
 mod support;
 
 use support::service::{loopback_parts, wait_for_snapshot};
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use runpod_autoscaler::decide::Hold;
 use runpod_autoscaler::model::{Reading, SignalKind, Timestamp};
 use runpod_autoscaler::service;
 use runpod_autoscaler::signals::kafka::{
-    KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy,
+    KafkaLagSettings, KafkaSecurity, LagOptions, LagReport, OffsetResetPolicy, RequestCount,
 };
 use runpod_autoscaler::signals::{KafkaLagSource, SignalError, SignalSource};
 use support::{even_commits, eventually, Tansu};
@@ -393,4 +395,107 @@ async fn lag_over_tls_with_a_trusted_ca_and_a_clear_error_without() {
     plain.security = KafkaSecurity::default();
     plain.timeout = Duration::from_secs(2);
     assert!(lag_source(plain).unwrap().poll().await.is_err());
+}
+
+#[tokio::test]
+async fn empty_topics_read_only_the_groups_own_topics() {
+    let tansu = loaded().await;
+    // Two topics the group never committed on, one with messages.
+    tansu.create_topic("unrelated-b", 3).await;
+    tansu.create_topic("unrelated-c", 2).await;
+    tansu.produce("unrelated-b", 3, 30);
+    let mut s = settings(&tansu, "committed-300", options(|_| {}));
+    s.topics = Vec::new();
+    let source = KafkaLagSource::with_request_counting(s, Arc::new(SystemClock)).unwrap();
+    let metadata_requests = std::cell::Cell::new(0);
+    let (src, metadata) = (&source, &metadata_requests);
+    let report = eventually(
+        "lag 700 on the group's topic",
+        Duration::from_secs(20),
+        || async move {
+            let (r, count) = src.poll_counted().await.ok()?;
+            metadata.set(metadata.get() + count.metadata);
+            (r.metric == 700).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(report.partitions.len(), 8, "{report:?}");
+    assert!(report.partitions.iter().all(|p| p.topic == TOPIC));
+    // Metadata was read for the group's one topic only, once (then cached).
+    assert_eq!(metadata_requests.get(), 1);
+    // A warm poll: one OffsetFetch listing the group's commits, one ListOffsets for the 8
+    // partitions of its topic, nothing about the other topics; librdkafka agrees.
+    let sent_before = source.requests_sent();
+    let (warm, count) = source.poll_counted().await.unwrap();
+    assert_eq!(warm.total_lag, 700);
+    assert_eq!(
+        count,
+        RequestCount {
+            metadata: 0,
+            offset_fetch: 1,
+            list_offsets: 1,
+            partitions: 8
+        }
+    );
+    let sent: BTreeMap<String, u64> = source
+        .requests_sent()
+        .into_iter()
+        .map(|(kind, n)| {
+            (
+                kind.clone(),
+                n - sent_before.get(&kind).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        sent,
+        BTreeMap::from([("ListOffsets".to_owned(), 1), ("OffsetFetch".to_owned(), 1)])
+    );
+
+    // An unrelated topic deleted after a poll: once the shared client has learned of the
+    // deletion (here a trigger for that topic sharing the client asks for it, as parity
+    // triggers of one group do), the next poll of the group's lag must still succeed.
+    tansu.delete_topic("unrelated-b").await;
+    let b_trigger = source.sharing_client(vec!["unrelated-b".into()], options(|_| {}));
+    let gone = b_trigger.poll().await.unwrap_err();
+    assert!(matches!(gone, SignalError::NotFound { .. }), "{gone:?}");
+    assert!(gone.to_string().contains("unrelated-b"), "{gone}");
+    let after = source
+        .poll()
+        .await
+        .expect("an unrelated topic broke the poll");
+    assert_eq!(after.total_lag, 700);
+}
+
+#[tokio::test]
+async fn a_deleted_topic_the_group_committed_on_is_skipped() {
+    let tansu = loaded().await;
+    tansu.create_topic("retired", 2).await;
+    tansu.produce("retired", 2, 20);
+    tansu.commit("committed-300", "retired", &[(0, 5), (1, 5)]);
+    let mut s = settings(&tansu, "committed-300", options(|_| {}));
+    s.topics = Vec::new();
+    let source = lag_source(s).unwrap();
+    // Both topics of the group count: 700 + 2 × 5.
+    let both = poll_until(&source, "lag of both topics", 710).await;
+    assert_eq!(both.partitions.len(), 10);
+    tansu.delete_topic("retired").await;
+    // A fresh reader sees only the live topic (tansu, like Kafka, drops a deleted topic's
+    // commits with it, so the group no longer lists it).
+    let mut s = settings(&tansu, "committed-300", options(|_| {}));
+    s.topics = Vec::new();
+    let fresh = lag_source(s).unwrap();
+    let report = poll_until(&fresh, "lag of the live topic", 700).await;
+    assert!(
+        report.partitions.iter().all(|p| p.topic == TOPIC),
+        "{report:?}"
+    );
+    // The reader that had the deleted topic cached recovers within a poll or two.
+    eventually(
+        "the cached reader recovers",
+        Duration::from_secs(20),
+        || async { source.poll().await.ok().filter(|r| r.metric == 700) },
+    )
+    .await;
 }
