@@ -1,6 +1,6 @@
 //! Consumer-group lag against a real tansu broker: 8 partitions, 1000 messages, a group that
-//! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap;
-//! persistent-lag exclusion once a commit has
+//! committed 300 (lag 700); uncommitted partitions under both reset policies; the partition cap,
+//! and the planner reading the whole lag above it; persistent-lag exclusion once a commit has
 //! not moved for the window (manual clock); without topics, only the group's own topics are
 //! read (other topics, a deleted one); a stopped broker (typed error, stale sample, planner
 //! holds); TLS to a broker behind a TLS front, trusted and untrusted.
@@ -498,4 +498,45 @@ async fn a_deleted_topic_the_group_committed_on_is_skipped() {
         || async { source.poll().await.ok().filter(|r| r.metric == 700) },
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_planner_reads_the_whole_backlog_above_kedas_cap() {
+    let tansu = loaded().await;
+    // 8 partitions, lag 700, lagThreshold 10: KEDA's cap is 8 × 10 = 80.
+    let source = lag_source(settings(
+        &tansu,
+        "committed-300",
+        options(|o| {
+            o.lag_threshold = 10;
+            o.allow_idle_consumers = false
+        }),
+    ))
+    .unwrap();
+    let report = poll_until(&source, "KEDA's capped metric 80", 80).await;
+    assert_eq!(report.total_lag, 700);
+    assert_eq!(
+        source.sample().await.unwrap(),
+        Reading {
+            value: 700.0,
+            max_workers: Some(8)
+        }
+    );
+    // With idle consumers allowed, no partition cap for the planner either.
+    let idle = lag_source(settings(
+        &tansu,
+        "committed-300",
+        options(|o| {
+            o.lag_threshold = 10;
+            o.allow_idle_consumers = true
+        }),
+    ))
+    .unwrap();
+    assert_eq!(
+        idle.sample().await.unwrap(),
+        Reading {
+            value: 700.0,
+            max_workers: None
+        }
+    );
 }
