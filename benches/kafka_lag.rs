@@ -8,11 +8,13 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::signals::kafka::{
     KafkaClientContext, KafkaLagSettings, KafkaSecurity, LagOptions,
 };
@@ -81,17 +83,20 @@ async fn main() {
     let commits: Vec<(i32, i64)> = (0..partitions).map(|p| (p, 1)).collect();
     tansu.commit(GROUP, TOPIC, &commits);
 
-    let source = KafkaLagSource::with_request_counting(KafkaLagSettings {
-        bootstrap_servers: tansu.servers(),
-        group: GROUP.into(),
-        topics: vec![TOPIC.into()],
-        options: LagOptions {
-            allow_idle_consumers: true,
-            ..LagOptions::default()
+    let source = KafkaLagSource::with_request_counting(
+        KafkaLagSettings {
+            bootstrap_servers: tansu.servers(),
+            group: GROUP.into(),
+            topics: vec![TOPIC.into()],
+            options: LagOptions {
+                allow_idle_consumers: true,
+                ..LagOptions::default()
+            },
+            security: KafkaSecurity::default(),
+            timeout: TIMEOUT,
         },
-        security: KafkaSecurity::default(),
-        timeout: TIMEOUT,
-    })
+        Arc::new(SystemClock),
+    )
     .unwrap();
     let started = Instant::now();
     let (cold, cold_requests) = source.poll_counted().await.unwrap();

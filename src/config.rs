@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::{PodTemplate, Policy, PolicyKind};
 use crate::model::{GpuTypeId, Secret, Usd};
-use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
+use crate::signals::kafka::{
+    KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy, DEFAULT_PERSISTENT_LAG_WINDOW,
+};
 use crate::signals::prometheus::{default_query, PrometheusAuth, PrometheusSettings};
 
 /// Prefix of environment overrides; `__` separates path segments
@@ -217,9 +219,13 @@ pub struct KafkaSourceConfig {
     /// Do not cap the total at partitions × lag_threshold.
     #[serde(default)]
     pub allow_idle_consumers: bool,
-    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    /// A partition with lag whose commit has not moved for `persistent_lag_window` counts 0
+    /// for scaling (still counted for activation).
     #[serde(default)]
     pub exclude_persistent_lag: bool,
+    /// How long a commit must stay put before its lag is persistent.
+    #[serde(with = "humantime_serde", default = "defaults::persistent_lag_window")]
+    pub persistent_lag_window: Duration,
     /// Partitions without a commit count 0.
     #[serde(default)]
     pub scale_to_zero_on_invalid_offset: bool,
@@ -307,6 +313,7 @@ impl KafkaSourceConfig {
                 offset_reset_policy: self.offset_reset_policy,
                 allow_idle_consumers: self.allow_idle_consumers,
                 exclude_persistent_lag: self.exclude_persistent_lag,
+                persistent_lag_window: self.persistent_lag_window,
                 scale_to_zero_on_invalid_offset: self.scale_to_zero_on_invalid_offset,
                 limit_to_partitions_with_lag: self.limit_to_partitions_with_lag,
                 partition_limitation: self.partition_limitation.clone(),
@@ -481,6 +488,10 @@ mod defaults {
     pub fn lag_threshold() -> i64 {
         10
     }
+    /// See [`DEFAULT_PERSISTENT_LAG_WINDOW`] for why two minutes.
+    pub fn persistent_lag_window() -> Duration {
+        DEFAULT_PERSISTENT_LAG_WINDOW
+    }
     pub fn yes() -> bool {
         true
     }
@@ -616,7 +627,15 @@ impl Config {
                 );
             }
             QueueSourceConfig::Static { .. } => {}
-            QueueSourceConfig::Kafka(k) => validate_kafka(k)?,
+            QueueSourceConfig::Kafka(k) => {
+                validate_kafka(k)?;
+                timeout_within_poll(
+                    SourceKeys::QUEUE,
+                    k.timeout,
+                    k.poll_interval,
+                    self.signals.poll_interval,
+                )?;
+            }
         }
         match &self.signals.latency {
             Some(LatencySourceConfig::Static { value })
@@ -628,7 +647,15 @@ impl Config {
                     "set the fixed p95 in seconds, e.g. 1.5",
                 );
             }
-            Some(LatencySourceConfig::Prometheus(p)) => validate_prometheus(p)?,
+            Some(LatencySourceConfig::Prometheus(p)) => {
+                validate_prometheus(p)?;
+                timeout_within_poll(
+                    SourceKeys::LATENCY,
+                    p.timeout,
+                    p.poll_interval,
+                    self.signals.poll_interval,
+                )?;
+            }
             _ => {}
         }
         if self.runpod.name_prefix.trim().is_empty() {
@@ -695,6 +722,61 @@ impl Config {
             stale_after_intervals: p.stale_after_intervals,
         }
     }
+}
+
+/// The keys of one source's `timeout` rule, with the fix for each place its poll interval
+/// comes from (its own key or `signals.poll_interval`).
+struct SourceKeys {
+    timeout: &'static str,
+    fix_own: &'static str,
+    fix_inherited: &'static str,
+    own_poll: &'static str,
+}
+
+impl SourceKeys {
+    const QUEUE: SourceKeys = SourceKeys {
+        timeout: "signals.queue.timeout",
+        own_poll: "signals.queue.poll_interval",
+        fix_own: "lower signals.queue.timeout to at most signals.queue.poll_interval, or raise \
+                  signals.queue.poll_interval",
+        fix_inherited: "lower signals.queue.timeout to at most signals.poll_interval, or set a \
+                        longer signals.queue.poll_interval",
+    };
+    const LATENCY: SourceKeys = SourceKeys {
+        timeout: "signals.latency.timeout",
+        own_poll: "signals.latency.poll_interval",
+        fix_own: "lower signals.latency.timeout to at most signals.latency.poll_interval, or \
+                  raise signals.latency.poll_interval",
+        fix_inherited: "lower signals.latency.timeout to at most signals.poll_interval, or set \
+                        a longer signals.latency.poll_interval",
+    };
+}
+
+/// A poll that may outlast its interval runs into the next one: the source is polled less
+/// often than configured, and its samples age past the staleness bound while a slow backend
+/// is still "within its timeout". So a source's timeout must fit in its effective interval.
+fn timeout_within_poll(
+    keys: SourceKeys,
+    timeout: Duration,
+    own_poll: Option<Duration>,
+    default_poll: Duration,
+) -> Result<(), ConfigError> {
+    let (poll, poll_key, fix) = match own_poll {
+        Some(p) => (p, keys.own_poll, keys.fix_own),
+        None => (default_poll, "signals.poll_interval", keys.fix_inherited),
+    };
+    if timeout > poll {
+        return Err(ConfigError::Invalid {
+            key: keys.timeout,
+            problem: format!(
+                "{} is longer than {poll_key} {}, so one poll could run into the next",
+                humantime::format_duration(timeout),
+                humantime::format_duration(poll)
+            ),
+            fix,
+        });
+    }
+    Ok(())
 }
 
 fn validate_kafka(k: &KafkaSourceConfig) -> Result<(), ConfigError> {
@@ -906,6 +988,7 @@ mod tests {
         bearer_token = "tok-123"
         headers = { "X-Scope-OrgID" = "team-a" }
         poll_interval = "2s"
+        timeout = "2s"
     "#;
 
     #[test]
@@ -919,6 +1002,7 @@ mod tests {
         assert_eq!(s.options.offset_reset_policy, OffsetResetPolicy::Earliest);
         assert_eq!(s.timeout, Duration::from_secs(3));
         assert_eq!(k.poll_interval, None);
+        assert_eq!(s.options.persistent_lag_window, Duration::from_secs(120));
         let Some(LatencySourceConfig::Prometheus(p)) = &c.signals.latency else {
             panic!("prometheus expected")
         };
@@ -967,6 +1051,16 @@ mod tests {
             ),
             (
                 "lag_threshold = 50",
+                "lag_threshold = 50\npersistent_lag_window = \"0s\"",
+                "signals.queue.persistent_lag_window",
+            ),
+            (
+                "lag_threshold = 50",
+                "lag_threshold = 50\npersistent_lag_window = \"soon\"",
+                "\"soon\", expected a duration",
+            ),
+            (
+                "lag_threshold = 50",
                 "lag_threshold = 50\nlag_treshold = 5",
                 "lag_treshold",
             ),
@@ -996,5 +1090,66 @@ mod tests {
             let err = Config::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(key), "expected {key:?} in: {err}");
         }
+    }
+
+    #[test]
+    fn a_source_timeout_longer_than_its_poll_interval_is_rejected() {
+        // KAFKA_PROM: signals.poll_interval 7s; kafka polls at that with the default 3s
+        // timeout; prometheus polls every 2s (its own) with a 2s timeout.
+        Config::from_toml(KAFKA_PROM).unwrap();
+        let prometheus_own_poll = "poll_interval = \"2s\"";
+        // (replacements in the fixture, keys the error must name)
+        type Case = (Vec<(&'static str, &'static str)>, [&'static str; 2]);
+        let cases: [Case; 4] = [
+            (
+                vec![(
+                    "lag_threshold = 50",
+                    "lag_threshold = 50\ntimeout = \"2s\"\npoll_interval = \"1s\"",
+                )],
+                ["signals.queue.timeout", "signals.queue.poll_interval"],
+            ),
+            (
+                vec![(
+                    "lag_threshold = 50",
+                    "lag_threshold = 50\ntimeout = \"10s\"",
+                )],
+                ["signals.queue.timeout", "signals.poll_interval"],
+            ),
+            (
+                vec![("timeout = \"2s\"", "timeout = \"2500ms\"")],
+                ["signals.latency.timeout", "signals.latency.poll_interval"],
+            ),
+            (
+                vec![
+                    (prometheus_own_poll, ""),
+                    ("timeout = \"2s\"", "timeout = \"8s\""),
+                ],
+                ["signals.latency.timeout", "signals.poll_interval"],
+            ),
+        ];
+        for (replacements, keys) in cases {
+            let mut text = KAFKA_PROM.to_owned();
+            for (from, to) in replacements {
+                assert!(text.contains(from), "{from:?} not in the fixture");
+                text = text.replacen(from, to, 1);
+            }
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            for key in keys {
+                assert!(err.contains(key), "expected {key:?} in: {err}");
+            }
+            assert!(err.contains("lower"), "the fix is missing: {err}");
+        }
+        // A timeout equal to the poll interval is fine: one poll ends before the next starts.
+        let equal = KAFKA_PROM.replacen(
+            "lag_threshold = 50",
+            "lag_threshold = 50\ntimeout = \"1s\"\npoll_interval = \"1s\"",
+            1,
+        );
+        Config::from_toml(&equal).unwrap();
+    }
+
+    #[test]
+    fn the_local_example_is_valid() {
+        Config::from_toml(include_str!("../examples/local.toml")).unwrap();
     }
 }

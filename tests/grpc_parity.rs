@@ -1,7 +1,8 @@
 //! KEDA-parity triggers through the gRPC API (tonic client) against a real tansu broker and a
 //! real Prometheus: `scaler: kafka` and `scaler: prometheus` answer GetMetricSpec / GetMetrics /
 //! IsActive as KEDA's own scalers would; the cache refreshes in the background, shares clients,
-//! drops idle triggers; bad keys are INVALID_ARGUMENT; an outage is UNAVAILABLE, never 0.
+//! drops idle triggers; bad keys are INVALID_ARGUMENT; an outage is UNAVAILABLE, never 0;
+//! `excludePersistentLag` waits for `persistentLagWindow` (our extension).
 
 mod support;
 
@@ -182,6 +183,70 @@ async fn kafka_trigger_answers_like_kedas_kafka_scaler() {
     )
     .await;
     assert_eq!(code, Code::Unavailable);
+}
+
+#[tokio::test]
+async fn kafka_trigger_excludes_persistent_lag_only_after_the_window() {
+    let tansu = Tansu::start().await;
+    tansu.create_topic(TOPIC, 8).await;
+    tansu.produce(TOPIC, 8, 1000);
+    tansu.commit("slow-workers", TOPIC, &even_commits(8, 300));
+    let mut s = scaler(Duration::from_secs(600)).await;
+    let servers = tansu.servers();
+    let kafka = |extra: &[(&str, &str)]| {
+        let mut pairs = vec![
+            ("scaler", "kafka".to_owned()),
+            ("bootstrapServers", servers.clone()),
+            ("consumerGroup", "slow-workers".to_owned()),
+            ("topic", TOPIC.to_owned()),
+            ("allowIdleConsumers", "true".to_owned()),
+            ("excludePersistentLag", "true".to_owned()),
+        ];
+        pairs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        object(&pairs)
+    };
+
+    // Default window (2 minutes): commits that did not move between refreshes a moment apart
+    // are a busy worker, not a stuck one; the lag keeps counting.
+    let default_window = kafka(&[]);
+    eventually("lag 700", Duration::from_secs(20), || {
+        let (mut c, o) = (s.client.clone(), default_window.clone());
+        async move { (metric(&mut c, &o).await == Ok(700.0)).then_some(()) }
+    })
+    .await;
+    s.parity.refresh_all().await;
+    s.parity.refresh_all().await;
+    assert_eq!(metric(&mut s.client, &default_window).await, Ok(700.0));
+    assert!(active(&mut s.client, &default_window).await);
+
+    // A window shorter than the time between two reads: the unmoved commits are persistent
+    // lag, 0 for scaling, still active.
+    let short = kafka(&[("persistentLagWindow", "1ms")]);
+    assert!(metric(&mut s.client, &short).await.is_ok());
+    eventually("persistent lag excluded", Duration::from_secs(20), || {
+        let (mut c, o, parity) = (s.client.clone(), short.clone(), Arc::clone(&s.parity));
+        async move {
+            parity.refresh_all().await;
+            (metric(&mut c, &o).await == Ok(0.0)).then_some(())
+        }
+    })
+    .await;
+    assert!(active(&mut s.client, &short).await);
+
+    // A window that is not a positive duration is INVALID_ARGUMENT naming the key.
+    for bad in ["0s", "120", "soon"] {
+        let err = s
+            .client
+            .get_metric_spec(kafka(&[("persistentLagWindow", bad)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            err.message().contains("persistentLagWindow"),
+            "{bad}: {}",
+            err.message()
+        );
+    }
 }
 
 #[tokio::test]

@@ -133,7 +133,7 @@ source = "prometheus"
 server_address = "{}"
 metric = "{METRIC}"
 ignore_null_values = false
-timeout = "1s"
+timeout = "200ms"
 "#,
         prom.url()
     );

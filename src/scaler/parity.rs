@@ -16,8 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
 use super::ScalerError;
+use crate::clock::SystemClock;
 use crate::model::SignalKind;
-use crate::signals::kafka::{KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy};
+use crate::signals::kafka::{
+    KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy, DEFAULT_PERSISTENT_LAG_WINDOW,
+};
 use crate::signals::prometheus::{PrometheusAuth, PrometheusSettings};
 use crate::signals::{KafkaLagSource, PrometheusSource};
 
@@ -136,6 +139,24 @@ fn float(
     }
 }
 
+/// A duration such as `"90s"` or `"2m"` (a unit is required); `default` when absent.
+fn duration(
+    m: &HashMap<String, String>,
+    key: &'static str,
+    default: Duration,
+) -> Result<Duration, ScalerError> {
+    let Some(raw) = m.get(key).map(|s| s.trim()).filter(|s| !s.is_empty()) else {
+        return Ok(default);
+    };
+    humantime::parse_duration(raw).map_err(|e| {
+        bad(
+            key,
+            format!("{raw:?} is not a duration ({e})"),
+            "set a duration with its unit, such as \"90s\" or \"2m\"",
+        )
+    })
+}
+
 /// KEDA's `partitionLimitation`: comma-separated ids and inclusive ranges (`1,2,10-12`).
 fn partitions(raw: &str) -> Result<Vec<i32>, ScalerError> {
     let invalid = || {
@@ -169,8 +190,10 @@ fn partitions(raw: &str) -> Result<Vec<i32>, ScalerError> {
     Ok(out)
 }
 
-/// Parses `scaler: kafka` metadata (KEDA's keys). Returns the spec, the target
-/// (`lagThreshold`), the activation threshold and the default metric name.
+/// Parses `scaler: kafka` metadata (KEDA's keys, plus our `persistentLagWindow`: how long a
+/// commit must stay put before `excludePersistentLag` takes its lag for stuck, default 2
+/// minutes). Returns the spec, the target (`lagThreshold`), the activation threshold and the
+/// default metric name.
 pub fn parse_kafka(
     m: &HashMap<String, String>,
 ) -> Result<(ParitySpec, f64, f64, String), ScalerError> {
@@ -206,6 +229,7 @@ pub fn parse_kafka(
         offset_reset_policy,
         allow_idle_consumers,
         exclude_persistent_lag: boolean(m, "excludePersistentLag", false)?,
+        persistent_lag_window: duration(m, "persistentLagWindow", DEFAULT_PERSISTENT_LAG_WINDOW)?,
         scale_to_zero_on_invalid_offset: boolean(m, "scaleToZeroOnInvalidOffset", false)?,
         limit_to_partitions_with_lag,
         partition_limitation,
@@ -423,8 +447,12 @@ impl Parity {
                 let base = match r.kafka_clients.get(&client_key) {
                     Some(b) => Arc::clone(b),
                     None => {
-                        let b =
-                            Arc::new(KafkaLagSource::new(settings.clone()).map_err(unavailable)?);
+                        // The parity cache has no injected clock: `persistentLagWindow` is
+                        // timed by the wall clock, like the service's own source.
+                        let clock = Arc::new(SystemClock);
+                        let b = Arc::new(
+                            KafkaLagSource::new(settings.clone(), clock).map_err(unavailable)?,
+                        );
                         r.kafka_clients.insert(client_key.clone(), Arc::clone(&b));
                         b
                     }
@@ -591,6 +619,25 @@ mod tests {
             OffsetResetPolicy::Earliest
         );
         assert!(settings.options.exclude_persistent_lag);
+        assert_eq!(
+            settings.options.persistent_lag_window,
+            DEFAULT_PERSISTENT_LAG_WINDOW
+        );
+        // Our extension: how long a commit must stay put before its lag is persistent.
+        let (spec, ..) = parse_kafka(&meta(&[
+            ("bootstrapServers", "k:9092"),
+            ("consumerGroup", "g"),
+            ("excludePersistentLag", "true"),
+            ("persistentLagWindow", "90s"),
+        ]))
+        .unwrap();
+        let ParitySpec::Kafka { settings } = spec else {
+            panic!()
+        };
+        assert_eq!(
+            settings.options.persistent_lag_window,
+            Duration::from_secs(90)
+        );
     }
 
     #[test]
@@ -607,6 +654,9 @@ mod tests {
             (vec![("offsetResetPolicy", "newest")], "offsetResetPolicy"),
             (vec![("allowIdleConsumers", "yes")], "allowIdleConsumers"),
             (vec![("partitionLimitation", "1,2")], "partitionLimitation"),
+            (vec![("persistentLagWindow", "0s")], "persistentLagWindow"),
+            (vec![("persistentLagWindow", "120")], "persistentLagWindow"),
+            (vec![("persistentLagWindow", "-2m")], "persistentLagWindow"),
             (
                 vec![
                     ("allowIdleConsumers", "true"),

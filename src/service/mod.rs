@@ -71,7 +71,8 @@ pub fn sources_from_config(config: &Config) -> Result<Vec<Arc<dyn SignalSource>>
             sources.push(Arc::new(StaticSource::new(SignalKind::QueueLag, *value)));
         }
         QueueSourceConfig::Kafka(k) => {
-            let source = KafkaLagSource::new(k.settings())?
+            // The wall clock times `excludePersistentLag`'s window in production.
+            let source = KafkaLagSource::new(k.settings(), Arc::new(crate::clock::SystemClock))?
                 .with_poll_interval(k.poll_interval.unwrap_or(default_interval));
             sources.push(Arc::new(source));
         }

@@ -1,29 +1,35 @@
 //! Kafka consumer-group lag with the semantics of KEDA's `kafka` scaler.
 //!
-//! Two halves: [`compute_lag`] is the pure arithmetic (committed offsets + watermarks + the
-//! previous poll's commits + options → per-partition lag, capped metric, activation), and
-//! [`KafkaLagSource`] is the rdkafka I/O around it. One poll issues one OffsetFetch for every
-//! partition and one batched ListOffsets (latest) concurrently with it, plus a batched
-//! ListOffsets (earliest) only when the earliest reset policy needs log starts. Topic metadata
-//! is cached for [`METADATA_REFRESH`]. rdkafka is imported by this module only.
+//! Two halves: [`compute_lag`] is the pure arithmetic (committed offsets + watermarks + since
+//! when each commit has not moved + the time now + options → per-partition lag, capped metric,
+//! activation), and [`KafkaLagSource`] is the rdkafka I/O around it. With topics configured, one
+//! poll issues one OffsetFetch for their partitions and one batched ListOffsets (latest)
+//! concurrently with it; with none, one OffsetFetch lists the group's own commits (librdkafka's
+//! ListConsumerGroupOffsets), then one batched ListOffsets covers the partitions of the topics
+//! it committed on, and no other topic of the cluster is touched. A batched ListOffsets
+//! (earliest) is added only when the earliest reset policy needs log starts. Topic metadata is
+//! read per topic and cached for [`METADATA_REFRESH`]. rdkafka is imported by this module only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use rdkafka::bindings as rd;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info_span, warn, Instrument};
 
 use super::source::{SignalError, SignalSource};
-use crate::model::{Reading, Secret, SignalKind};
+use crate::clock::Clock;
+use crate::model::{Reading, Secret, SignalKind, Timestamp};
 
 const BACKEND: &str = "kafka";
 
@@ -37,6 +43,15 @@ pub const METADATA_REFRESH: Duration = Duration::from_secs(30);
 /// arrive per second at most (more with `debug=protocol`: a few per request), so 4096 per poll
 /// keeps the queue empty without letting a flood stall a poll.
 const MAX_EVENTS_SERVED_PER_POLL: usize = 4096;
+
+/// How long a partition's committed offset must stay put, with lag behind it, before
+/// `excludePersistentLag` counts that lag as stuck. A worker commits when a job ends, so one
+/// busy on a long job looks stuck to KEDA's rule (no commit since the previous poll) at any poll
+/// interval shorter than the job. Two minutes is many times a typical job here (the
+/// simulator's reference workload serves 4 jobs per GPU per minute) and still well inside the
+/// HPA's default 5-minute scale-down stabilization, so a truly stuck partition stops driving
+/// scale-up before it could hold replicas for a whole stabilization window.
+pub const DEFAULT_PERSISTENT_LAG_WINDOW: Duration = Duration::from_secs(120);
 
 /// What a partition without a committed offset counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
@@ -60,8 +75,11 @@ pub struct LagOptions {
     pub offset_reset_policy: OffsetResetPolicy,
     /// When false, the total is capped at partitions × `lag_threshold`.
     pub allow_idle_consumers: bool,
-    /// A partition whose commit did not move since the last poll counts 0 for scaling.
+    /// A partition with lag whose commit has not moved for `persistent_lag_window` counts 0
+    /// for scaling (still counted for activation).
     pub exclude_persistent_lag: bool,
+    /// How long a commit must stay put before its lag is persistent (> 0).
+    pub persistent_lag_window: Duration,
     /// Partitions without a commit count 0.
     pub scale_to_zero_on_invalid_offset: bool,
     /// Cap at partitions-with-lag × `lag_threshold` instead of all partitions.
@@ -79,6 +97,7 @@ impl Default for LagOptions {
             offset_reset_policy: OffsetResetPolicy::Latest,
             allow_idle_consumers: false,
             exclude_persistent_lag: false,
+            persistent_lag_window: DEFAULT_PERSISTENT_LAG_WINDOW,
             scale_to_zero_on_invalid_offset: false,
             limit_to_partitions_with_lag: false,
             partition_limitation: Vec::new(),
@@ -151,18 +170,30 @@ impl LagReport {
     }
 }
 
-/// Committed offsets seen at the previous poll, for `excludePersistentLag`.
-pub type PreviousCommits = HashMap<(String, i32), i64>;
+/// A partition's committed offset as last seen, and since when it has not moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitSeen {
+    /// The committed offset.
+    pub offset: i64,
+    /// When this offset was first seen (the commit has not moved since).
+    pub since: Timestamp,
+}
 
-/// KEDA's kafka-scaler lag arithmetic. Pure: given the offsets read now, the commits seen at the
-/// previous poll and the options, returns the report and the commits to remember for the next
-/// poll. Negative differences (a commit past a stale watermark) count 0.
+/// What `excludePersistentLag` remembers between polls, per (topic, partition).
+pub type CommitHistory = HashMap<(String, i32), CommitSeen>;
+
+/// KEDA's kafka-scaler lag arithmetic. Pure: given the offsets read `now`, what was remembered
+/// of each commit (offset and since when unchanged) and the options, returns the report and the
+/// history to remember for the next poll. A partition's lag is persistent once its commit has
+/// not moved for `persistent_lag_window`; a commit seen for the first time is taken as moving
+/// now. Negative differences (a commit past a stale watermark) count 0.
 pub fn compute_lag(
     offsets: &[PartitionOffsets],
-    previous: &PreviousCommits,
+    history: &CommitHistory,
     options: &LagOptions,
-) -> (LagReport, PreviousCommits) {
-    let mut next = PreviousCommits::new();
+    now: Timestamp,
+) -> (LagReport, CommitHistory) {
+    let mut next = CommitHistory::new();
     let mut partitions = Vec::with_capacity(offsets.len());
     let (mut total, mut total_persistent, mut counted, mut with_lag) = (0i64, 0i64, 0i64, 0i64);
     let mut sorted: Vec<&PartitionOffsets> = offsets
@@ -190,11 +221,22 @@ pub fn compute_lag(
             }
             Some(committed) => {
                 let lag = p.log_end.saturating_sub(committed).max(0);
-                let key = (p.topic.clone(), p.partition);
-                let persistent = options.exclude_persistent_lag
-                    && previous.get(&key).is_some_and(|prev| *prev == committed);
+                let mut persistent = false;
                 if options.exclude_persistent_lag {
-                    next.insert(key, committed);
+                    let key = (p.topic.clone(), p.partition);
+                    let since = match history.get(&key) {
+                        Some(seen) if seen.offset == committed => seen.since,
+                        _ => now,
+                    };
+                    persistent =
+                        lag > 0 && now.saturating_since(since) >= options.persistent_lag_window;
+                    next.insert(
+                        key,
+                        CommitSeen {
+                            offset: committed,
+                            since,
+                        },
+                    );
                 }
                 if persistent {
                     (0, lag)
@@ -293,6 +335,8 @@ pub enum LagSetting {
     LimitToPartitionsWithLag,
     /// Partition ids that count.
     PartitionLimitation,
+    /// How long a commit must stay put before its lag is persistent.
+    PersistentLagWindow,
     /// SASL user name.
     SaslUsername,
     /// Bound on one poll.
@@ -310,6 +354,7 @@ impl LagSetting {
             LagSetting::ActivationLagThreshold => "signals.queue.activation_lag_threshold",
             LagSetting::LimitToPartitionsWithLag => "signals.queue.limit_to_partitions_with_lag",
             LagSetting::PartitionLimitation => "signals.queue.partition_limitation",
+            LagSetting::PersistentLagWindow => "signals.queue.persistent_lag_window",
             LagSetting::SaslUsername => "signals.queue.sasl_username",
             LagSetting::Timeout => "signals.queue.timeout",
         }
@@ -325,6 +370,7 @@ impl LagSetting {
             LagSetting::ActivationLagThreshold => "activationLagThreshold",
             LagSetting::LimitToPartitionsWithLag => "limitToPartitionsWithLag",
             LagSetting::PartitionLimitation => "partitionLimitation",
+            LagSetting::PersistentLagWindow => "persistentLagWindow",
             LagSetting::SaslUsername => "sasl.username",
             LagSetting::Timeout => "timeout",
         }
@@ -415,6 +461,13 @@ impl KafkaLagSettings {
                 "name exactly one topic, or remove the partition limitation",
             );
         }
+        if o.persistent_lag_window.is_zero() {
+            return invalid(
+                LagSetting::PersistentLagWindow,
+                "is 0".into(),
+                "set how long a commit must stay put before its lag counts as stuck, e.g. \"2m\"",
+            );
+        }
         if self.security.sasl_password.is_some() && self.security.sasl_username.is_none() {
             return invalid(
                 LagSetting::SaslUsername,
@@ -430,15 +483,18 @@ impl KafkaLagSettings {
 }
 
 /// Broker requests one poll issued, counted by this module (each is one round trip to one
-/// broker; the OffsetFetch and the ListOffsets go out concurrently).
+/// broker; with topics configured the OffsetFetch and the ListOffsets go out concurrently,
+/// without them the group's OffsetFetch comes first), and the partitions they covered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct RequestCount {
-    /// Metadata requests (only when the cached topic map expired).
+    /// Metadata requests (one per topic whose cached partitions expired).
     pub metadata: u32,
-    /// OffsetFetch requests (committed offsets).
+    /// OffsetFetch requests (committed offsets; without topics, the group's whole list).
     pub offset_fetch: u32,
     /// ListOffsets requests (one per leader broker per end of the log).
     pub list_offsets: u32,
+    /// Partitions whose log offsets were asked (not a request count).
+    pub partitions: u32,
 }
 
 impl RequestCount {
@@ -450,6 +506,9 @@ impl RequestCount {
 
 /// Topic → (partition id, leader broker id) pairs.
 type TopicMap = BTreeMap<String, Vec<(i32, i32)>>;
+
+/// Committed offsets by (topic, partition); a partition without a commit is absent.
+type Commits = HashMap<(String, i32), i64>;
 
 /// librdkafka callbacks: its logs and errors go to `tracing`; when protocol debugging is on
 /// (`debug=protocol`, see [`KafkaLagSource::with_request_counting`]) every request librdkafka
@@ -507,10 +566,13 @@ impl ConsumerContext for KafkaClientContext {}
 /// The consumer type every Kafka read uses.
 type Client = BaseConsumer<KafkaClientContext>;
 
+#[derive(Default)]
 struct Cache {
-    /// The topic map and when it was read.
-    topics: Option<(Instant, TopicMap)>,
-    previous: PreviousCommits,
+    /// Per topic: its partitions with their leaders, and when they were read. A topic the
+    /// group committed on that no longer exists is kept with no partitions.
+    topics: HashMap<String, (Instant, Vec<(i32, i32)>)>,
+    /// Commits and since when they have not moved (`excludePersistentLag`).
+    history: CommitHistory,
 }
 
 /// Consumer-group lag from a Kafka-compatible broker. The rdkafka client is created once and
@@ -520,6 +582,7 @@ pub struct KafkaLagSource {
     settings: KafkaLagSettings,
     cache: Mutex<Cache>,
     poll_interval: Option<Duration>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for KafkaLagSource {
@@ -586,8 +649,8 @@ fn map_error(e: &KafkaError, settings: &KafkaLagSettings, what: &str) -> SignalE
             SignalError::NotFound {
                 backend: BACKEND,
                 detail: format!(
-                    "{what}: unknown topic {:?} on {servers}; create it or fix the topic name",
-                    settings.topics
+                    "{what}: unknown topic or partition on {servers}; create the topic or fix \
+                     its name"
                 ),
             }
         }
@@ -630,18 +693,22 @@ fn map_error(e: &KafkaError, settings: &KafkaLagSettings, what: &str) -> SignalE
 }
 
 impl KafkaLagSource {
-    /// A source for `settings`. Creating the client does not contact the broker; the first poll
-    /// does. Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build
-    /// without it).
-    pub fn new(settings: KafkaLagSettings) -> Result<Self, SignalError> {
-        Self::build(settings, false)
+    /// A source for `settings`, timing `excludePersistentLag` with `clock` (the system clock in
+    /// production). Creating the client does not contact the broker; the first poll does.
+    /// Fails only on an invalid librdkafka configuration (e.g. TLS asked from a build without
+    /// it).
+    pub fn new(settings: KafkaLagSettings, clock: Arc<dyn Clock>) -> Result<Self, SignalError> {
+        Self::build(settings, clock, false)
     }
 
     /// Like [`new`](Self::new), with librdkafka's protocol debugging on so that
     /// [`requests_sent`](Self::requests_sent) counts every broker request (for benchmarks and
     /// diagnosis; it logs a line per request at trace level).
-    pub fn with_request_counting(settings: KafkaLagSettings) -> Result<Self, SignalError> {
-        Self::build(settings, true)
+    pub fn with_request_counting(
+        settings: KafkaLagSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SignalError> {
+        Self::build(settings, clock, true)
     }
 
     /// Broker requests librdkafka sent so far, by type (counted only when created
@@ -666,7 +733,11 @@ impl KafkaLagSource {
         }
     }
 
-    fn build(settings: KafkaLagSettings, count_requests: bool) -> Result<Self, SignalError> {
+    fn build(
+        settings: KafkaLagSettings,
+        clock: Arc<dyn Clock>,
+        count_requests: bool,
+    ) -> Result<Self, SignalError> {
         let mut config = client_config(&settings);
         if count_requests {
             // Protocol debug lines are logged at debug level: let them through.
@@ -683,11 +754,9 @@ impl KafkaLagSource {
         Ok(KafkaLagSource {
             consumer: Arc::new(consumer),
             settings,
-            cache: Mutex::new(Cache {
-                topics: None,
-                previous: PreviousCommits::new(),
-            }),
+            cache: Mutex::new(Cache::default()),
             poll_interval: None,
+            clock,
         })
     }
 
@@ -698,7 +767,8 @@ impl KafkaLagSource {
     }
 
     /// A source for other topics and options of the same brokers and group that shares this
-    /// source's client (its connections and metadata); its persistent-lag memory is its own.
+    /// source's client (its connections and metadata) and clock; its topic cache and
+    /// persistent-lag memory are its own.
     pub fn sharing_client(&self, topics: Vec<String>, options: LagOptions) -> KafkaLagSource {
         KafkaLagSource {
             consumer: Arc::clone(&self.consumer),
@@ -707,11 +777,9 @@ impl KafkaLagSource {
                 options,
                 ..self.settings.clone()
             },
-            cache: Mutex::new(Cache {
-                topics: None,
-                previous: PreviousCommits::new(),
-            }),
+            cache: Mutex::new(Cache::default()),
             poll_interval: self.poll_interval,
+            clock: Arc::clone(&self.clock),
         }
     }
 
@@ -721,7 +789,8 @@ impl KafkaLagSource {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        // Every update is a single assignment, so a poisoned lock holds consistent data.
+        // Every update replaces whole entries or fields, so a poisoned lock holds consistent
+        // data.
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -742,17 +811,28 @@ impl KafkaLagSource {
         self.serve_events();
         match result {
             Ok(Ok((offsets, count))) => {
-                let previous = self.lock().previous.clone();
-                let (report, next) = compute_lag(&offsets, &previous, &self.settings.options);
-                self.lock().previous = next;
+                // The commits were just read: this is when they were seen.
+                let now = self.clock.now();
+                let history = self.lock().history.clone();
+                let (report, next) = compute_lag(&offsets, &history, &self.settings.options, now);
+                self.lock().history = next;
                 debug!(
                     metric = report.metric,
                     total = report.total_lag,
+                    partitions = count.partitions,
                     "kafka lag"
                 );
                 Ok((report, count))
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => {
+                if matches!(e, SignalError::NotFound { .. }) {
+                    // A topic or partition vanished (or was never there): read the partitions
+                    // afresh next time instead of trusting the cache for up to
+                    // METADATA_REFRESH.
+                    self.lock().topics.clear();
+                }
+                Err(e)
+            }
             Err(_) => Err(SignalError::Timeout {
                 backend: BACKEND,
                 timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -760,63 +840,70 @@ impl KafkaLagSource {
         }
     }
 
-    /// Topic → partitions with their leader, from the cache or one Metadata request.
-    async fn topics(&self, count: &mut RequestCount) -> Result<TopicMap, SignalError> {
-        if let Some((at, topics)) = &self.lock().topics {
-            if at.elapsed() < METADATA_REFRESH {
-                return Ok(topics.clone());
-            }
+    /// Partitions and leaders of `names`, from the cache or one Metadata request per topic
+    /// whose entry expired (concurrently). A configured topic that does not exist is an error;
+    /// a topic the group committed on that no longer exists (`discovered`) has no partitions.
+    async fn topics(
+        &self,
+        names: &BTreeSet<String>,
+        discovered: bool,
+        count: &mut RequestCount,
+    ) -> Result<TopicMap, SignalError> {
+        let expired: Vec<String> = {
+            let mut cache = self.lock();
+            cache.topics.retain(|name, _| names.contains(name));
+            names
+                .iter()
+                .filter(|n| {
+                    cache
+                        .topics
+                        .get(*n)
+                        .is_none_or(|(at, _)| at.elapsed() >= METADATA_REFRESH)
+                })
+                .cloned()
+                .collect()
+        };
+        count.metadata += u32::try_from(expired.len()).unwrap_or(u32::MAX);
+        let reads = expired.into_iter().map(|name| {
+            let (consumer, settings) = (Arc::clone(&self.consumer), self.settings.clone());
+            let span = debug_span!("kafka_metadata", topic = %name);
+            blocking(move || {
+                let parts = topic_partitions(&consumer, &settings, &name)?;
+                Ok((name, parts))
+            })
+            .instrument(span)
+        });
+        let read = futures_util::future::join_all(reads).await;
+        let mut cache = self.lock();
+        for result in read {
+            let (name, parts) = result?;
+            let parts = known_partitions(&name, parts, discovered, &self.settings)?;
+            cache.topics.insert(name, (Instant::now(), parts));
         }
-        count.metadata += 1;
-        let consumer = Arc::clone(&self.consumer);
-        let settings = self.settings.clone();
-        let topics = blocking(move || {
-            let topic = match settings.topics.as_slice() {
-                [one] => Some(one.as_str()),
-                _ => None,
-            };
-            let md = consumer
-                .fetch_metadata(topic, settings.timeout)
-                .map_err(|e| map_error(&e, &settings, "metadata"))?;
-            let mut out = BTreeMap::new();
-            for t in md.topics() {
-                let wanted =
-                    settings.topics.is_empty() || settings.topics.iter().any(|n| n == t.name());
-                if !wanted {
-                    continue;
-                }
-                if let Some(code) = t.error() {
-                    let e = KafkaError::MetadataFetch(code.into());
-                    return Err(map_error(&e, &settings, "metadata"));
-                }
-                let parts: Vec<(i32, i32)> = t
-                    .partitions()
-                    .iter()
-                    .map(|p| (p.id(), p.leader()))
-                    .collect();
-                out.insert(t.name().to_owned(), parts);
-            }
-            for name in &settings.topics {
-                if !out.contains_key(name) {
-                    return Err(SignalError::NotFound {
-                        backend: BACKEND,
-                        detail: format!(
-                            "unknown topic {name:?} on {}; create it or fix the topic name",
-                            settings.bootstrap_servers
-                        ),
-                    });
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-        self.lock().topics = Some((Instant::now(), topics.clone()));
-        Ok(topics)
+        Ok(names
+            .iter()
+            .filter_map(|n| cache.topics.get(n).map(|(_, p)| (n.clone(), p.clone())))
+            .collect())
     }
 
     async fn read_offsets(&self) -> Result<(Vec<PartitionOffsets>, RequestCount), SignalError> {
         let mut count = RequestCount::default();
-        let topics = self.topics(&mut count).await?;
+        // No topic configured: the topics the group has commits for (KEDA's rule), listed with
+        // the commits themselves in one OffsetFetch; no other topic of the cluster is read.
+        let (names, group_commits) = if self.settings.topics.is_empty() {
+            let (consumer, settings) = (Arc::clone(&self.consumer), self.settings.clone());
+            let commits = blocking(move || list_group_commits(&consumer, &settings))
+                .instrument(debug_span!("kafka_list_group_commits"))
+                .await?;
+            count.offset_fetch += 1;
+            let names: BTreeSet<String> = commits.keys().map(|(t, _)| t.clone()).collect();
+            (names, Some(commits))
+        } else {
+            (self.settings.topics.iter().cloned().collect(), None)
+        };
+        let topics = self
+            .topics(&names, group_commits.is_some(), &mut count)
+            .await?;
         let limit = &self.settings.options.partition_limitation;
         let mut all = TopicPartitionList::new();
         let mut leaders = std::collections::HashSet::new();
@@ -831,28 +918,26 @@ impl KafkaLagSource {
         if all.count() == 0 {
             return Ok((Vec::new(), count));
         }
+        count.partitions = u32::try_from(all.count()).unwrap_or(u32::MAX);
         let leaders = u32::try_from(leaders.len()).unwrap_or(u32::MAX).max(1);
         let need_start = self.settings.options.offset_reset_policy == OffsetResetPolicy::Earliest
             && !self.settings.options.scale_to_zero_on_invalid_offset;
 
-        // One OffsetFetch for every partition, one batched ListOffsets per end, concurrently.
-        let committed = {
+        // Configured topics: one OffsetFetch for their partitions, concurrently with one
+        // batched ListOffsets per end of the log.
+        let fetch_commits = group_commits.is_none();
+        let committed = async {
+            if let Some(commits) = group_commits {
+                return Ok(commits);
+            }
             let (consumer, settings, tpl) = (
                 Arc::clone(&self.consumer),
                 self.settings.clone(),
                 all.clone(),
             );
-            blocking(move || {
-                let committed = consumer
-                    .committed_offsets(tpl, settings.timeout)
-                    .map_err(|e| map_error(&e, &settings, "committed offsets"))?;
-                // A per-partition error (e.g. not authorized) must not read as "no commit".
-                for e in committed.elements() {
-                    e.error()
-                        .map_err(|err| map_error(&err, &settings, "committed offsets"))?;
-                }
-                Ok(committed)
-            })
+            blocking(move || committed_offsets(&consumer, &settings, tpl))
+                .instrument(debug_span!("kafka_offset_fetch"))
+                .await
         };
         let ends = self.list_offsets(&all, Offset::End);
         let starts = async {
@@ -864,21 +949,11 @@ impl KafkaLagSource {
         };
         let (committed, ends, starts) = tokio::join!(committed, ends, starts);
         let (committed, ends, starts) = (committed?, ends?, starts?);
-        count.offset_fetch += 1;
-        count.list_offsets += leaders * if need_start { 2 } else { 1 };
-
-        if !self.settings.topics.is_empty() || topics.is_empty() {
-            return Ok((merge(&all, &committed, &ends, starts.as_ref())?, count));
+        if fetch_commits {
+            count.offset_fetch += 1;
         }
-        // No topic configured: keep the topics the group has commits for (KEDA's rule).
-        let mut offsets = merge(&all, &committed, &ends, starts.as_ref())?;
-        let with_commits: std::collections::HashSet<String> = offsets
-            .iter()
-            .filter(|p| p.committed.is_some())
-            .map(|p| p.topic.clone())
-            .collect();
-        offsets.retain(|p| with_commits.contains(&p.topic));
-        Ok((offsets, count))
+        count.list_offsets += leaders * if need_start { 2 } else { 1 };
+        Ok((merge(&all, &committed, &ends, starts.as_ref())?, count))
     }
 
     /// One batched ListOffsets for every partition in `tpl` at `end` (log start or end).
@@ -900,8 +975,10 @@ impl KafkaLagSource {
                 .map_err(|e| map_error(&e, &settings, "list offsets"))?;
             let mut out = HashMap::new();
             for e in answer.elements() {
-                e.error()
-                    .map_err(|err| map_error(&err, &settings, "list offsets"))?;
+                e.error().map_err(|err| {
+                    let what = format!("list offsets of {}/{}", e.topic(), e.partition());
+                    map_error(&err, &settings, &what)
+                })?;
                 match e.offset() {
                     Offset::Offset(o) => {
                         out.insert((e.topic().to_owned(), e.partition()), o);
@@ -920,18 +997,243 @@ impl KafkaLagSource {
             }
             Ok(out)
         })
+        .instrument(debug_span!("kafka_list_offsets", end = ?end))
         .await
+    }
+}
+
+/// The partitions of `topic` as metadata described them (`None`: the broker does not know it).
+/// A configured topic must exist; a topic the group listed commits for (`discovered`) that no
+/// longer exists has no partitions: it was deleted between the group's listing and the
+/// metadata (Kafka drops a deleted topic's commits), and there is no lag left to work off.
+fn known_partitions(
+    topic: &str,
+    parts: Option<Vec<(i32, i32)>>,
+    discovered: bool,
+    settings: &KafkaLagSettings,
+) -> Result<Vec<(i32, i32)>, SignalError> {
+    match parts {
+        Some(parts) => Ok(parts),
+        None if discovered => {
+            debug!(
+                topic,
+                "the group committed on a topic that no longer exists"
+            );
+            Ok(Vec::new())
+        }
+        None => Err(SignalError::NotFound {
+            backend: BACKEND,
+            detail: format!(
+                "unknown topic {topic:?} on {}; create it or fix the topic name",
+                settings.bootstrap_servers
+            ),
+        }),
+    }
+}
+
+/// Partitions and leaders of `topic` from one Metadata request naming only it; `None` when the
+/// broker does not know the topic. Blocking.
+fn topic_partitions(
+    consumer: &Client,
+    settings: &KafkaLagSettings,
+    topic: &str,
+) -> Result<Option<Vec<(i32, i32)>>, SignalError> {
+    let what = format!("metadata of topic {topic:?}");
+    let md = consumer
+        .fetch_metadata(Some(topic), settings.timeout)
+        .map_err(|e| map_error(&e, settings, &what))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    if let Some(code) = t.error() {
+        let code = RDKafkaErrorCode::from(code);
+        if matches!(
+            code,
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+        ) {
+            return Ok(None);
+        }
+        return Err(map_error(&KafkaError::MetadataFetch(code), settings, &what));
+    }
+    Ok(Some(
+        t.partitions()
+            .iter()
+            .map(|p| (p.id(), p.leader()))
+            .collect(),
+    ))
+}
+
+/// The group's commits for the partitions in `tpl` (one OffsetFetch). Blocking.
+fn committed_offsets(
+    consumer: &Client,
+    settings: &KafkaLagSettings,
+    tpl: TopicPartitionList,
+) -> Result<Commits, SignalError> {
+    let committed = consumer
+        .committed_offsets(tpl, settings.timeout)
+        .map_err(|e| map_error(&e, settings, "committed offsets"))?;
+    let mut out = Commits::new();
+    for e in committed.elements() {
+        // A per-partition error (e.g. not authorized) must not read as "no commit".
+        e.error().map_err(|err| {
+            let what = format!("committed offset of {}/{}", e.topic(), e.partition());
+            map_error(&err, settings, &what)
+        })?;
+        if let Offset::Offset(o) = e.offset() {
+            if o >= 0 {
+                out.insert((e.topic().to_owned(), e.partition()), o);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A librdkafka object destroyed with its own destructor when dropped (null is skipped).
+struct Native<T> {
+    ptr: *mut T,
+    destroy: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Drop for Native<T> {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr` came from the librdkafka constructor matching `destroy`, is owned
+            // by this guard alone and is destroyed exactly once, here.
+            unsafe { (self.destroy)(self.ptr) }
+        }
+    }
+}
+
+/// Every commit of the group: librdkafka's ListConsumerGroupOffsets with no partition list,
+/// which sends the group coordinator one OffsetFetch naming no topic (Kafka answers it with all
+/// of the group's committed partitions). The rdkafka crate has no safe wrapper for it, so this
+/// calls librdkafka's admin API on the source's own client. Blocking, bounded by the timeout.
+fn list_group_commits(
+    consumer: &Client,
+    settings: &KafkaLagSettings,
+) -> Result<Commits, SignalError> {
+    let what = "list the group's commits";
+    let group = CString::new(settings.group.as_str()).map_err(|_| SignalError::InvalidRequest {
+        backend: BACKEND,
+        detail: "the consumer group name contains a NUL character; fix the group name".into(),
+    })?;
+    let timeout_ms = c_int::try_from(settings.timeout.as_millis())
+        .unwrap_or(c_int::MAX)
+        .max(1);
+    let failed = |code: rd::rd_kafka_resp_err_t| {
+        map_error(
+            &KafkaError::OffsetFetch(RDKafkaErrorCode::from(code)),
+            settings,
+            what,
+        )
+    };
+    let no_error = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live client handle owned by `consumer`, which outlives this call.
+    // Every object created here is owned by a `Native` guard and destroyed once; the request is
+    // copied by librdkafka when enqueued. The result event, and every group result, partition
+    // list and topic name read from it, stay valid until the event guard drops at the end of
+    // this block, and nothing read from them outlives it (names are copied into `String`s).
+    unsafe {
+        let queue = Native {
+            ptr: rd::rd_kafka_queue_new(rk),
+            destroy: rd::rd_kafka_queue_destroy,
+        };
+        let options = Native {
+            ptr: rd::rd_kafka_AdminOptions_new(
+                rk,
+                rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS,
+            ),
+            destroy: rd::rd_kafka_AdminOptions_destroy,
+        };
+        let mut errstr = [0 as c_char; 256];
+        let set = rd::rd_kafka_AdminOptions_set_request_timeout(
+            options.ptr,
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        if set != no_error {
+            return Err(SignalError::InvalidRequest {
+                backend: BACKEND,
+                detail: format!(
+                    "{what}: request timeout rejected: {}",
+                    CStr::from_ptr(errstr.as_ptr()).to_string_lossy()
+                ),
+            });
+        }
+        let request = Native {
+            ptr: rd::rd_kafka_ListConsumerGroupOffsets_new(group.as_ptr(), std::ptr::null()),
+            destroy: rd::rd_kafka_ListConsumerGroupOffsets_destroy,
+        };
+        let mut requests = [request.ptr];
+        rd::rd_kafka_ListConsumerGroupOffsets(
+            rk,
+            requests.as_mut_ptr(),
+            requests.len(),
+            options.ptr,
+            queue.ptr,
+        );
+        let event = Native {
+            ptr: rd::rd_kafka_queue_poll(queue.ptr, timeout_ms),
+            destroy: rd::rd_kafka_event_destroy,
+        };
+        if event.ptr.is_null() {
+            return Err(SignalError::Timeout {
+                backend: BACKEND,
+                timeout_ms: u64::try_from(timeout_ms).unwrap_or(u64::MAX),
+            });
+        }
+        let code = rd::rd_kafka_event_error(event.ptr);
+        if code != no_error {
+            return Err(failed(code));
+        }
+        let result = rd::rd_kafka_event_ListConsumerGroupOffsets_result(event.ptr);
+        if result.is_null() {
+            return Err(SignalError::BadAnswer {
+                backend: BACKEND,
+                detail: format!("{what}: librdkafka returned an event of another kind"),
+            });
+        }
+        let mut n = 0usize;
+        let groups = rd::rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut n);
+        let mut out = Commits::new();
+        for i in 0..n {
+            let group = *groups.add(i);
+            let error = rd::rd_kafka_group_result_error(group);
+            if !error.is_null() {
+                return Err(failed(rd::rd_kafka_error_code(error)));
+            }
+            let list = rd::rd_kafka_group_result_partitions(group);
+            if list.is_null() {
+                continue;
+            }
+            let len = usize::try_from((*list).cnt).unwrap_or(0);
+            if len == 0 {
+                continue;
+            }
+            for p in std::slice::from_raw_parts((*list).elems, len) {
+                if p.err != no_error {
+                    return Err(failed(p.err));
+                }
+                if p.topic.is_null() || p.offset < 0 {
+                    continue;
+                }
+                let topic = CStr::from_ptr(p.topic).to_string_lossy().into_owned();
+                out.insert((topic, p.partition), p.offset);
+            }
+        }
+        Ok(out)
     }
 }
 
 /// Joins committed offsets and watermarks into [`PartitionOffsets`].
 fn merge(
     all: &TopicPartitionList,
-    committed: &TopicPartitionList,
+    committed: &Commits,
     ends: &HashMap<(String, i32), i64>,
     starts: Option<&HashMap<(String, i32), i64>>,
 ) -> Result<Vec<PartitionOffsets>, SignalError> {
-    let committed = committed.to_topic_map();
     let mut out = Vec::with_capacity(all.count());
     for e in all.elements() {
         let key = (e.topic().to_owned(), e.partition());
@@ -939,15 +1241,11 @@ fn merge(
             backend: BACKEND,
             detail: format!("broker returned no log end for {}/{}", key.0, key.1),
         })?;
-        let committed = match committed.get(&key) {
-            Some(Offset::Offset(o)) if *o >= 0 => Some(*o),
-            _ => None,
-        };
         out.push(PartitionOffsets {
             log_start: starts.and_then(|s| s.get(&key).copied()),
+            committed: committed.get(&key).copied(),
             topic: key.0,
             partition: key.1,
-            committed,
             log_end,
         });
     }
@@ -986,6 +1284,10 @@ impl SignalSource for KafkaLagSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+
+    /// An arbitrary time for computations that do not depend on it.
+    const T0: Timestamp = Timestamp::from_secs(1_000);
 
     fn p(partition: i32, committed: Option<i64>, start: i64, end: i64) -> PartitionOffsets {
         PartitionOffsets {
@@ -1117,7 +1419,7 @@ mod tests {
             ("no partitions", vec![], opts(|_| {}), 0, 0, false),
         ];
         for (name, offsets, o, metric, with_persistent, active) in cases {
-            let (r, _) = compute_lag(&offsets, &PreviousCommits::new(), &o);
+            let (r, _) = compute_lag(&offsets, &CommitHistory::new(), &o, T0);
             assert_eq!(r.metric, metric, "{name}: metric");
             assert_eq!(
                 r.total_lag_with_persistent, with_persistent,
@@ -1169,7 +1471,7 @@ mod tests {
             ),
         ];
         for (name, o, value, max_workers) in cases {
-            let (r, _) = compute_lag(&four, &PreviousCommits::new(), &o);
+            let (r, _) = compute_lag(&four, &CommitHistory::new(), &o, T0);
             assert_eq!(
                 r.planner_reading(&o),
                 Reading { value, max_workers },
@@ -1179,23 +1481,184 @@ mod tests {
     }
 
     #[test]
-    fn persistent_lag_is_excluded_on_the_second_poll_but_still_activates() {
-        let o = opts(|o| o.exclude_persistent_lag = true);
+    fn persistent_lag_needs_a_commit_unmoved_for_the_whole_window() {
+        const WINDOW: Duration = Duration::from_secs(120);
+        let seen = |offset, since_ms| CommitSeen {
+            offset,
+            since: Timestamp::from_millis(since_ms),
+        };
+        // (name, remembered, committed, log end, now in ms, excludePersistentLag,
+        //  lag for scaling, lag with persistent, remembered next)
+        type Case = (
+            &'static str,
+            Option<CommitSeen>,
+            Option<i64>,
+            i64,
+            u64,
+            bool,
+            i64,
+            i64,
+            Option<CommitSeen>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "first sighting: taken as moving now",
+                None,
+                Some(10),
+                100,
+                5_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 5_000)),
+            ),
+            (
+                "unmoved for 1 s (a busy worker at a 1 s poll): still counts",
+                Some(seen(10, 4_000)),
+                Some(10),
+                100,
+                5_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 4_000)),
+            ),
+            (
+                "unmoved for just under the window: still counts",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                119_999,
+                true,
+                90,
+                90,
+                Some(seen(10, 0)),
+            ),
+            (
+                "unmoved for the whole window: persistent, counts only for activation",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                120_000,
+                true,
+                0,
+                90,
+                Some(seen(10, 0)),
+            ),
+            (
+                "the commit moved after a long pause: counts, and the window restarts",
+                Some(seen(10, 0)),
+                Some(11),
+                100,
+                600_000,
+                true,
+                89,
+                89,
+                Some(seen(11, 600_000)),
+            ),
+            (
+                "no lag is never persistent lag, but its commit is remembered",
+                Some(seen(100, 0)),
+                Some(100),
+                100,
+                600_000,
+                true,
+                0,
+                0,
+                Some(seen(100, 0)),
+            ),
+            (
+                "a clock that went back is no reason to exclude",
+                Some(seen(10, 500_000)),
+                Some(10),
+                100,
+                100_000,
+                true,
+                90,
+                90,
+                Some(seen(10, 500_000)),
+            ),
+            (
+                "an uncommitted partition is never persistent and not remembered",
+                None,
+                None,
+                100,
+                600_000,
+                true,
+                1,
+                1,
+                None,
+            ),
+            (
+                "without the option nothing is remembered or excluded",
+                Some(seen(10, 0)),
+                Some(10),
+                100,
+                600_000,
+                false,
+                90,
+                90,
+                None,
+            ),
+        ];
+        let key = ("jobs".to_owned(), 0);
+        for (name, remembered, committed, end, now, exclude, lag, with_persistent, next) in cases {
+            let o = opts(|o| {
+                o.exclude_persistent_lag = exclude;
+                o.persistent_lag_window = WINDOW;
+            });
+            let history: CommitHistory = remembered.map(|r| (key.clone(), r)).into_iter().collect();
+            let (r, after) = compute_lag(
+                &[p(0, committed, 0, end)],
+                &history,
+                &o,
+                Timestamp::from_millis(now),
+            );
+            assert_eq!(r.partitions[0].lag, lag, "{name}: lag");
+            assert_eq!(
+                r.partitions[0].lag_with_persistent, with_persistent,
+                "{name}: lag with persistent"
+            );
+            assert_eq!(r.metric, lag, "{name}: metric");
+            assert_eq!(r.active, with_persistent > 0, "{name}: active");
+            assert_eq!(after.get(&key).copied(), next, "{name}: remembered");
+        }
+    }
+
+    #[test]
+    fn a_custom_window_applies_per_partition() {
+        let o = opts(|o| {
+            o.exclude_persistent_lag = true;
+            o.persistent_lag_window = Duration::from_secs(30);
+        });
+        let t = |s| Timestamp::from_secs(s);
         let first = vec![p(0, Some(10), 0, 100), p(1, Some(50), 0, 100)];
-        let (r1, prev) = compute_lag(&first, &PreviousCommits::new(), &o);
-        assert_eq!(r1.metric, 140);
-        // Partition 0 did not move; partition 1 did.
+        let (r, h) = compute_lag(&first, &CommitHistory::new(), &o, t(1_000));
+        assert_eq!(r.metric, 140);
+        // 20 s later partition 1 moved, partition 0 did not: both still count.
         let second = vec![p(0, Some(10), 0, 110), p(1, Some(60), 0, 110)];
-        let (r2, prev2) = compute_lag(&second, &prev, &o);
-        assert_eq!(r2.partitions[0].lag, 0);
-        assert_eq!(r2.partitions[0].lag_with_persistent, 100);
-        assert_eq!(r2.metric, 50);
-        assert_eq!(r2.total_lag_with_persistent, 150);
-        assert!(r2.active);
-        assert_eq!(prev2.get(&("jobs".into(), 1)), Some(&60));
-        // Without the option nothing is remembered.
-        let (_, none) = compute_lag(&first, &PreviousCommits::new(), &opts(|_| {}));
-        assert!(none.is_empty());
+        let (r, h) = compute_lag(&second, &h, &o, t(1_020));
+        assert_eq!(r.metric, 150);
+        // 30 s after partition 0 was first seen: it is stuck; partition 1 (moved at 1,020) is
+        // not yet.
+        let (r, _) = compute_lag(&second, &h, &o, t(1_030));
+        assert_eq!((r.partitions[0].lag, r.partitions[1].lag), (0, 50));
+        assert_eq!((r.metric, r.total_lag_with_persistent), (50, 150));
+        assert!(r.active);
+    }
+
+    #[test]
+    fn a_zero_window_is_rejected_naming_both_keys() {
+        let mut s = settings(KafkaSecurity::default());
+        s.options.persistent_lag_window = Duration::ZERO;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.setting, LagSetting::PersistentLagWindow);
+        assert_eq!(
+            err.setting.config_key(),
+            "signals.queue.persistent_lag_window"
+        );
+        assert_eq!(err.setting.keda_key(), "persistentLagWindow");
+        assert!(err.fix.contains("2m"), "{err}");
     }
 
     fn settings(security: KafkaSecurity) -> KafkaLagSettings {
@@ -1219,7 +1682,7 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let source = KafkaLagSource::new(settings(plain)).unwrap();
+        let source = KafkaLagSource::new(settings(plain), Arc::new(SystemClock)).unwrap();
         assert!(!format!("{source:?}").contains("hunter2"));
         // TLS and SCRAM: librdkafka is built with OpenSSL (the `ssl` feature).
         let scram = KafkaSecurity {
@@ -1229,7 +1692,7 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let source = KafkaLagSource::new(settings(scram)).unwrap();
+        let source = KafkaLagSource::new(settings(scram), Arc::new(SystemClock)).unwrap();
         assert!(!format!("{source:?}").contains("hunter2"));
         // A value librdkafka does not know is a clear configuration error naming the property.
         let bogus = KafkaSecurity {
@@ -1237,18 +1700,42 @@ mod tests {
             sasl_password: Some(Secret::new("hunter2")),
             ..KafkaSecurity::default()
         };
-        let err = KafkaLagSource::new(settings(bogus)).unwrap_err();
+        let err = KafkaLagSource::new(settings(bogus), Arc::new(SystemClock)).unwrap_err();
         assert!(matches!(err, SignalError::InvalidRequest { .. }), "{err:?}");
         assert!(err.to_string().contains("security.protocol"), "{err}");
         assert!(!err.to_string().contains("hunter2"));
     }
 
     #[test]
+    fn a_missing_topic_is_an_error_only_when_configured() {
+        let s = settings(KafkaSecurity::default());
+        let parts = vec![(0, 1), (1, 1)];
+        assert_eq!(
+            known_partitions("jobs", Some(parts.clone()), false, &s).unwrap(),
+            parts
+        );
+        assert_eq!(
+            known_partitions("jobs", Some(parts.clone()), true, &s).unwrap(),
+            parts
+        );
+        // Listed by the group but gone from the cluster: nothing to read, no error.
+        assert!(known_partitions("retired", None, true, &s)
+            .unwrap()
+            .is_empty());
+        // Configured but unknown: a typed error naming the topic and the fix.
+        let err = known_partitions("typo", None, false, &s).unwrap_err();
+        assert!(matches!(err, SignalError::NotFound { .. }), "{err:?}");
+        assert!(err.to_string().contains("\"typo\""), "{err}");
+        assert!(err.to_string().contains("fix the topic name"), "{err}");
+    }
+
+    #[test]
     fn huge_offsets_saturate() {
         let (r, _) = compute_lag(
             &[p(0, Some(0), 0, i64::MAX), p(1, Some(0), 0, i64::MAX)],
-            &PreviousCommits::new(),
+            &CommitHistory::new(),
             &opts(|o| o.allow_idle_consumers = true),
+            T0,
         );
         assert_eq!(r.metric, i64::MAX);
     }

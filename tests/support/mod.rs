@@ -233,6 +233,22 @@ impl Tansu {
         }
     }
 
+    /// Deletes `topic` (tansu drops it from metadata and answers UnknownTopicOrPartition for its
+    /// partitions from then on).
+    pub async fn delete_topic(&self, topic: &str) {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create().unwrap();
+        let results = admin
+            .delete_topics(
+                &[topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        for r in results {
+            r.unwrap();
+        }
+    }
+
     /// Produces `count` messages round-robin over `partitions` partitions, one message per batch
     /// (tansu's latest offset is the last batch's base + 1, so watermarks are exact).
     pub fn produce(&self, topic: &str, partitions: i32, count: usize) {
