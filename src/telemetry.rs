@@ -42,6 +42,28 @@ pub struct Metrics {
     pub grpc_requests: Family<Labels, Counter>,
     /// Failed reads behind open `StreamIsActive` streams (nothing is sent for them).
     pub stream_read_failures: Family<Labels, Counter>,
+    /// RunPod pods (and open claims) by state.
+    pub pods_by_state: Family<Labels, Gauge>,
+    /// Spend rate of everything that may bill, at real prices.
+    pub usd_per_hour: Gauge<f64, AtomicU64>,
+    /// Dollars spent since start (the spend rate integrated over ticks).
+    pub spend_usd: Counter<f64, AtomicU64>,
+    /// Pods launched, by market (`spot`, `on_demand`).
+    pub launches: Family<Labels, Counter>,
+    /// Pods terminated and confirmed gone, by reason.
+    pub terminations: Family<Labels, Counter>,
+    /// Reconciler failures, by kind.
+    pub reconcile_failures: Family<Labels, Counter>,
+    /// From the first SSH attempt to joined (bootstrapped, GPUs checked).
+    pub join_seconds: Histogram,
+    /// Health probe wall time.
+    pub health_probe_seconds: Histogram,
+    /// Open claims (intent persisted, pod not yet confirmed gone).
+    pub claims_open: Gauge,
+    /// Pods of ours that no claim explained, terminated.
+    pub orphans_collected: Counter,
+    /// Markets (GPU type, cloud, spot) set aside after a capacity error.
+    pub unavailable_offers: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,6 +92,19 @@ impl Metrics {
             signal_failures: Family::default(),
             grpc_requests: Family::default(),
             stream_read_failures: Family::default(),
+            pods_by_state: Family::default(),
+            usd_per_hour: Gauge::default(),
+            spend_usd: Counter::default(),
+            launches: Family::default(),
+            terminations: Family::default(),
+            reconcile_failures: Family::default(),
+            // Joins take seconds (bootstrap over SSH) to minutes (image pulls happen before).
+            join_seconds: Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+            // A probe is one SSH exec: tens of milliseconds, seconds when a pod is struggling.
+            health_probe_seconds: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+            claims_open: Gauge::default(),
+            orphans_collected: Counter::default(),
+            unavailable_offers: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -135,6 +170,53 @@ impl Metrics {
             "Failed reads behind open StreamIsActive streams (the last state stands), by scaler",
             m.stream_read_failures.clone(),
         );
+        r.register(
+            "pods",
+            "RunPod pods and open claims, by state",
+            m.pods_by_state.clone(),
+        );
+        r.register(
+            "usd_per_hour",
+            "Spend rate of every pod that may bill, at real prices",
+            m.usd_per_hour.clone(),
+        );
+        r.register(
+            "spend_usd",
+            "Dollars spent on RunPod since start",
+            m.spend_usd.clone(),
+        );
+        r.register("launches", "Pods launched, by market", m.launches.clone());
+        r.register(
+            "terminations",
+            "Pods terminated and confirmed gone, by reason",
+            m.terminations.clone(),
+        );
+        r.register(
+            "reconcile_failures",
+            "Reconciler failures, by kind",
+            m.reconcile_failures.clone(),
+        );
+        r.register(
+            "join_seconds",
+            "From the first SSH attempt to joined",
+            m.join_seconds.clone(),
+        );
+        r.register(
+            "health_probe_seconds",
+            "Health probe wall time",
+            m.health_probe_seconds.clone(),
+        );
+        r.register("claims_open", "Open claims", m.claims_open.clone());
+        r.register(
+            "orphans_collected",
+            "Pods of ours that no claim explained, terminated",
+            m.orphans_collected.clone(),
+        );
+        r.register(
+            "unavailable_offers",
+            "Markets set aside after a capacity error",
+            m.unavailable_offers.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -150,6 +232,27 @@ impl Metrics {
     pub fn stream_read_failure(&self, scaler: &str) {
         self.stream_read_failures
             .get_or_create(&vec![("scaler", scaler.to_owned())])
+            .inc();
+    }
+
+    /// Counts one reconciler failure of `kind`.
+    pub fn reconcile_failure(&self, kind: &str) {
+        self.reconcile_failures
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .inc();
+    }
+
+    /// Counts one launch on `market`.
+    pub fn reconcile_launch(&self, market: &str) {
+        self.launches
+            .get_or_create(&vec![("market", market.to_owned())])
+            .inc();
+    }
+
+    /// Counts one confirmed termination for `reason`.
+    pub fn reconcile_termination(&self, reason: &str) {
+        self.terminations
+            .get_or_create(&vec![("reason", reason.to_owned())])
             .inc();
     }
 

@@ -1,8 +1,14 @@
-//! The reconciler's side of the loop: turning what the provider reports into the planner's
-//! [`crate::decide::ClusterView`] ([`observe`]). Executing plans (launch, join, drain,
-//! terminate) builds on it.
+//! The reconciler: it makes the plan happen on RunPod. [`observe`] turns provider pods into
+//! the planner's view; [`claims`] persists intent before every create and resolves it against
+//! listings; [`fleet`] holds per-pod join, health and retirement state; [`Reconciler`] runs
+//! observe → decide → act each tick, with the I/O steps (join over SSH, probes, drain,
+//! terminate) as bounded tasks.
 
 pub mod claims;
+pub mod fleet;
 pub mod observe;
+mod ops;
+mod reconciler;
 
 pub use observe::PodObserver;
+pub use reconciler::{Context, FleetEntry, ReconcileSettings, Reconciler, TickReport};

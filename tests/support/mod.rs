@@ -4,6 +4,8 @@
 //! `RPA_TANSU_BIN` / `RPA_PROMETHEUS_BIN`, which `scripts/test.sh` installs and exports.
 #![allow(dead_code)]
 
+#[cfg(feature = "emulator")]
+pub mod fleet;
 pub mod service;
 
 use std::future::Future;

@@ -1,0 +1,197 @@
+//! The reconciler's I/O steps, each one bounded call (or two) with a deadline, run as tasks
+//! whose outcome the next tick reads: join (bootstrap once + GPU check), health probe, drain
+//! signal, terminate, and lookups. None of them retries: a later tick does, with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info_span, Instrument};
+
+use crate::join::pod::{
+    bootstrap_outcome, check_gpus, drain_signal, parse_gpus, run_once, BootstrapOutcome, PodShell,
+};
+use crate::join::{JoinError, SshTarget};
+use crate::model::{PodId, Timestamp};
+use crate::provider::{CloudProvider, Pod, ProviderError};
+
+use super::claims::ClaimKey;
+
+/// What finished.
+#[derive(Debug)]
+pub(super) struct OpResult {
+    /// The pod it was about.
+    pub pod: PodId,
+    /// Its claim, when it has one.
+    pub claim: Option<ClaimKey>,
+    /// When the step started (reconciler clock).
+    pub started: Timestamp,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// How a step ended.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Join: bootstrap, then the GPU check.
+    Join(JoinOutcome),
+    /// Health probe: the highest GPU utilization, or why it failed.
+    Probe(Result<f64, String>),
+    /// Drain signal sent (or why not).
+    Drained(Result<(), String>),
+    /// Terminate sent.
+    Terminated(Result<(), ProviderError>),
+    /// A lookup by id: `None` = gone.
+    Looked(Result<Option<Pod>, ProviderError>),
+}
+
+/// How joining ended.
+#[derive(Debug)]
+pub(super) enum JoinOutcome {
+    /// Bootstrapped and the GPUs are as bought.
+    Joined,
+    /// Another bootstrap run still holds the lock.
+    InProgress,
+    /// It will not join: replace it.
+    Failed(String),
+    /// SSH failed in a way that may pass (sshd starting, network).
+    Unreachable(JoinError),
+}
+
+/// What a join needs.
+pub(super) struct JoinJob {
+    pub shell: Arc<dyn PodShell>,
+    pub pod: PodId,
+    pub target: SshTarget,
+    /// The bootstrap command (holds secrets: never logged).
+    pub command: String,
+    pub health_command: String,
+    pub gpu_type: String,
+    pub gpus: u32,
+    pub timeout: Duration,
+}
+
+/// Bootstrap (once per pod) then check the GPUs.
+pub(super) async fn join(job: JoinJob) -> JoinOutcome {
+    let span = info_span!("reconcile.join", pod = %job.pod);
+    async move {
+        let pod = job.pod.as_str();
+        let out = match job
+            .shell
+            .run(pod, &job.target, &run_once(&job.command), job.timeout)
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.is_retryable() => return JoinOutcome::Unreachable(e),
+            Err(e) => return JoinOutcome::Failed(e.to_string()),
+        };
+        match bootstrap_outcome(&out) {
+            BootstrapOutcome::Done => {}
+            BootstrapOutcome::InProgress => return JoinOutcome::InProgress,
+            BootstrapOutcome::Failed(why) => return JoinOutcome::Failed(why),
+        }
+        let health = match job
+            .shell
+            .run(pod, &job.target, &job.health_command, job.timeout)
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.is_retryable() => return JoinOutcome::Unreachable(e),
+            Err(e) => return JoinOutcome::Failed(e.to_string()),
+        };
+        match parse_gpus(&health).and_then(|gpus| check_gpus(&gpus, &job.gpu_type, job.gpus)) {
+            Ok(()) => JoinOutcome::Joined,
+            Err(e) => JoinOutcome::Failed(format!("GPU check: {e}")),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// One health probe: the GPU query must answer; returns the highest utilization.
+pub(super) async fn probe(
+    shell: Arc<dyn PodShell>,
+    pod: PodId,
+    target: SshTarget,
+    command: String,
+    timeout: Duration,
+) -> Result<f64, String> {
+    let span = info_span!("reconcile.probe", pod = %pod);
+    async move {
+        let out = shell
+            .run(pod.as_str(), &target, &command, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let gpus = parse_gpus(&out).map_err(|e| e.to_string())?;
+        if gpus.is_empty() {
+            return Err("nvidia-smi reports no GPU".into());
+        }
+        Ok(gpus.iter().map(|g| g.utilization).fold(0.0, f64::max))
+    }
+    .instrument(span)
+    .await
+}
+
+/// Tells the worker on the pod to stop taking work.
+pub(super) async fn drain(
+    shell: Arc<dyn PodShell>,
+    pod: PodId,
+    target: SshTarget,
+    command: Option<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let span = info_span!("reconcile.drain", pod = %pod);
+    async move {
+        let command = command.unwrap_or_else(drain_signal);
+        let out = shell
+            .run(pod.as_str(), &target, &command, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        match out.exit_status {
+            Some(0) => Ok(()),
+            s => Err(format!(
+                "drain command exited with {s:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Terminates a pod (gone already = done).
+pub(super) async fn terminate(
+    provider: Arc<dyn CloudProvider>,
+    pod: PodId,
+    timeout: Duration,
+) -> Result<(), ProviderError> {
+    let span = info_span!("reconcile.terminate", pod = %pod);
+    bounded(timeout, "terminate", provider.terminate(&pod))
+        .instrument(span)
+        .await
+}
+
+/// Looks a pod up by id.
+pub(super) async fn look_up(
+    provider: Arc<dyn CloudProvider>,
+    pod: PodId,
+    timeout: Duration,
+) -> Result<Option<Pod>, ProviderError> {
+    let span = info_span!("reconcile.lookup", pod = %pod);
+    bounded(timeout, "get", provider.get(&pod))
+        .instrument(span)
+        .await
+}
+
+/// `fut` within `timeout`; running out is a retryable provider timeout.
+pub(super) async fn bounded<T>(
+    timeout: Duration,
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(ProviderError::Timeout {
+            op: op.into(),
+            deadline: timeout,
+        }))
+}
