@@ -149,6 +149,8 @@ async fn start_ours(shutdown: CancellationToken) -> SocketAddr {
         },
         signals: vec![],
         mode: "advisory",
+        fleet: vec![],
+        errors: vec![],
     })));
     let service = ScalerService::new(rx, shutdown.clone(), Arc::new(Metrics::new()));
     tokio::spawn(async move {

@@ -15,13 +15,20 @@ use tracing::info;
 mod cli;
 
 use runpod_autoscaler::clock::SystemClock;
-use runpod_autoscaler::config::{Config, LogFormat};
+use runpod_autoscaler::config::{public_key_path, Config, JoinMode, LogFormat, Mode};
 use runpod_autoscaler::decide::PolicyKind;
+use runpod_autoscaler::join::pod::SshShell;
+use runpod_autoscaler::join::SshKey;
+use runpod_autoscaler::model::Secret;
 use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
 use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
+use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
+use runpod_autoscaler::reconcile::claims::RedbClaims;
+use runpod_autoscaler::reconcile::{Context as ReconcileContext, ReconcileSettings, Reconciler};
 use runpod_autoscaler::scaler::TlsMaterial;
 use runpod_autoscaler::service::{self, ServiceParts};
 use runpod_autoscaler::simulate::{self, SimParams, Trace};
+use runpod_autoscaler::telemetry::Metrics;
 
 #[derive(Parser)]
 #[command(
@@ -284,6 +291,11 @@ async fn serve(
         })?;
 
     let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let reconciler = match config.reconcile.mode {
+        Mode::Advisory => None,
+        Mode::Active => Some(reconciler(&config, metrics.clone(), shutdown.clone())?),
+    };
     let running = service::start(
         ServiceParts {
             grpc,
@@ -296,6 +308,8 @@ async fn serve(
             baseline_gpus: config.baseline.gpus,
             policy: config.planner_policy(),
             clock: Arc::new(SystemClock),
+            metrics: metrics.clone(),
+            reconciler,
         },
         shutdown.clone(),
     )?;
@@ -319,6 +333,59 @@ async fn serve(
         .context("service failed")?;
     info!("stopped");
     Ok(())
+}
+
+/// The reconciler a configuration in active mode describes: the RunPod client, SSH with the
+/// configured key, and the claim store in `reconcile.state_dir`.
+fn reconciler(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<Reconciler> {
+    let r = &config.reconcile;
+    let key_file = r
+        .ssh_key_file
+        .as_deref()
+        .context("reconcile.ssh_key_file is required in active mode")?;
+    let key = SshKey::load(key_file).context("loading reconcile.ssh_key_file")?;
+    let public_file = public_key_path(key_file);
+    let public_key = std::fs::read_to_string(&public_file)
+        .with_context(|| {
+            format!(
+                "reading {} (the public half of reconcile.ssh_key_file)",
+                public_file.display()
+            )
+        })?
+        .trim()
+        .to_owned();
+    let shell = if r.ssh_host_keys.is_empty() {
+        SshShell::trust_on_first_use(key)
+    } else {
+        SshShell::pinned(key, r.ssh_host_keys.clone())
+    };
+    let token = match (&config.join.mode, &config.join.kubernetes_token_file) {
+        (JoinMode::Kubernetes, Some(path)) => Some(Secret::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading join.kubernetes_token_file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        )),
+        _ => None,
+    };
+    let claims =
+        RedbClaims::open(&r.state_dir).context("opening the claim store (reconcile.state_dir)")?;
+    let provider = RunPodClient::new(RunPodSettings::from_config(&config.runpod))
+        .context("creating the RunPod client")?
+        .with_shutdown(shutdown);
+    let ctx = Arc::new(ReconcileContext {
+        provider: Arc::new(provider),
+        shell: Arc::new(shell),
+        claims: Arc::new(claims),
+        clock: Arc::new(SystemClock),
+        metrics,
+        settings: ReconcileSettings::from_config(config, public_key, token),
+    });
+    Reconciler::new(ctx).context("reading the claim store")
 }
 
 async fn wait_for_signal() {
@@ -454,7 +521,6 @@ async fn run_emulator(
     config: Option<PathBuf>,
 ) -> Result<()> {
     use runpod_autoscaler::emulator::{EmulatorConfig, RunningEmulator};
-    use runpod_autoscaler::model::Secret;
     init_logging(LogFormat::Text);
     let mut cfg = match &config {
         Some(path) => EmulatorConfig::load(path)?,

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::decide::Plan;
 use crate::model::{SignalKind, Timestamp};
+use crate::reconcile::FleetEntry;
 
 /// Health of one signal source at snapshot time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,8 +41,12 @@ pub struct Snapshot {
     pub plan: Plan,
     /// Signal health.
     pub signals: Vec<SignalStatus>,
-    /// `advisory` while no RunPod provider executes plans.
+    /// `advisory` (plans only) or `active` (the reconciler acts on RunPod).
     pub mode: &'static str,
+    /// The RunPod fleet as the reconciler sees it (empty in advisory mode).
+    pub fleet: Vec<FleetEntry>,
+    /// Problems of the tick (provider or store failures).
+    pub errors: Vec<String>,
 }
 
 impl Snapshot {

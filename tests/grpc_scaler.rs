@@ -42,6 +42,8 @@ fn snapshot_with(served_gpus: u32) -> Option<Arc<Snapshot>> {
         },
         signals: vec![],
         mode: "advisory",
+        fleet: vec![],
+        errors: vec![],
     }))
 }
 

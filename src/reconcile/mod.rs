@@ -9,6 +9,8 @@ pub mod fleet;
 pub mod observe;
 mod ops;
 mod reconciler;
+mod settings;
 
 pub use observe::PodObserver;
-pub use reconciler::{Context, FleetEntry, ReconcileSettings, Reconciler, TickReport};
+pub use reconciler::{Context, FleetEntry, Reconciler, TickReport};
+pub use settings::ReconcileSettings;

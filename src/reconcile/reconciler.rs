@@ -16,68 +16,20 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::claims::{
-    pod_name, resolve, Claim, ClaimKey, ClaimStage, ClaimStore, ClaimTiming, Resolution,
-};
+use super::claims::{pod_name, resolve, Claim, ClaimKey, ClaimStage, ClaimStore, Resolution};
 use super::fleet::{JoinState, PodRuntime, RetirePhase, RetireReason, Retiring};
 use super::ops::{self, JoinJob, JoinOutcome, OpResult, Outcome};
+use super::settings::ReconcileSettings;
 use crate::clock::Clock;
-use crate::decide::offers::{
-    candidates, Availability, Candidate, MarketKey, OfferSpec, Quote, Unavailable,
-};
+use crate::decide::offers::{candidates, Availability, Candidate, MarketKey, Quote, Unavailable};
 use crate::decide::{
     decide, ClusterView, Plan, PodTemplate, PodView, Policy, Reason, Signals, Step,
 };
-use crate::join::pod::{JoinPlan, PodShell};
+use crate::join::pod::PodShell;
 use crate::join::SshTarget;
 use crate::model::{PodId, PodState, Timestamp, Usd};
 use crate::provider::{CloudProvider, LaunchSpec, Offering, Pod, ProviderError, Stock};
 use crate::telemetry::Metrics;
-
-/// Everything that steers the reconciler besides the planner's policy.
-#[derive(Debug, Clone)]
-pub struct ReconcileSettings {
-    /// Cluster id: part of every pod name (`<prefix><cluster>-<slot>-<generation>`).
-    pub cluster: String,
-    /// The provider's owner prefix of pod names.
-    pub name_prefix: String,
-    /// Container image of new pods.
-    pub image: String,
-    /// Container disk (GB).
-    pub disk_gb: u32,
-    /// Extra environment of new pods.
-    pub env: BTreeMap<String, String>,
-    /// OpenSSH public key injected as `PUBLIC_KEY` (the reconciler logs in with its private half).
-    pub public_key: String,
-    /// Acceptable offers, in order of preference at equal price.
-    pub offers: Vec<OfferSpec>,
-    /// Listing-lag and orphan timing.
-    pub timing: ClaimTiming,
-    /// How long a capacity error keeps a market aside.
-    pub unavailable_ttl: Duration,
-    /// How often the market (prices, stock) is read again.
-    pub quotes_refresh: Duration,
-    /// What joining means.
-    pub join: JoinPlan,
-    /// The health command (GPU query).
-    pub health_command: String,
-    /// The drain command (`None`: the worker-mode drain file).
-    pub drain_command: Option<String>,
-    /// Every SSH command's bound.
-    pub ssh_timeout: Duration,
-    /// Every provider call's bound.
-    pub provider_timeout: Duration,
-    /// Health probe period.
-    pub health_interval: Duration,
-    /// Probes failing this long: the pod is dead, preempted or unreachable and is replaced.
-    pub unhealthy_after: Duration,
-    /// A GPU at or above this utilization (percent) is busy.
-    pub busy_utilization: f64,
-    /// Longest wait for a draining pod to go idle before it is terminated anyway.
-    pub drain_timeout: Duration,
-    /// Pods older than this are replaced (drained first).
-    pub max_pod_lifetime: Option<Duration>,
-}
 
 /// The I/O handles (one real implementation each) and the settings.
 pub struct Context {
@@ -497,7 +449,7 @@ impl Reconciler {
         }
         ClusterView {
             synced: self.synced,
-            baseline_gpus: 0,
+            baseline_gpus: self.ctx.settings.baseline_gpus,
             pods,
         }
     }

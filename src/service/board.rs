@@ -54,17 +54,26 @@ impl SignalBoard {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records one poll result taken at `now`.
-    pub fn record(&self, kind: SignalKind, result: &Result<Reading, SignalError>, now: Timestamp) {
+    /// Records one poll result taken at `now`. Returns true when it raised the queue lag (a
+    /// fresh value above the previous one): demand may have grown, worth a tick at once.
+    pub fn record(
+        &self,
+        kind: SignalKind,
+        result: &Result<Reading, SignalError>,
+        now: Timestamp,
+    ) -> bool {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let (series, health) = match kind {
             SignalKind::QueueLag => (Some(&mut inner.signals.queue), &mut inner.queue),
             SignalKind::LatencyP95 => (inner.signals.latency.as_mut(), &mut inner.latency),
         };
+        let before = series.as_ref().and_then(|s| s.latest()).map(|s| s.value);
+        let mut raised = false;
         match result {
             Ok(reading) => {
                 let value = reading.value;
+                raised = kind == SignalKind::QueueLag && before.is_none_or(|b| value > b);
                 let kept = series.is_some_and(|s| {
                     s.push(Sample {
                         value,
@@ -72,6 +81,7 @@ impl SignalBoard {
                         max_workers: reading.max_workers,
                     })
                 });
+                raised &= kept;
                 if kept {
                     health.last_error = None;
                 } else {
@@ -84,6 +94,7 @@ impl SignalBoard {
                 health.last_error = Some(e.to_string());
             }
         }
+        raised
     }
 
     /// A copy of the current signals for the planner.

@@ -60,6 +60,8 @@ async fn debug_plan(State(state): State<AppState>) -> Response {
             "gpu_demand": s.gpu_demand(),
             "plan": s.plan,
             "signals": s.signals,
+            "fleet": s.fleet,
+            "errors": s.errors,
             "text": s.plan.to_string(),
         }))
         .into_response(),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -23,6 +23,7 @@ use crate::clock::Clock;
 use crate::config::{Config, LatencySourceConfig, QueueSourceConfig};
 use crate::decide::{decide, ClusterView, Plan, Policy, Step};
 use crate::model::SignalKind;
+use crate::reconcile::Reconciler;
 use crate::scaler::{self, ScalerService, TlsMaterial};
 use crate::signals::{KafkaLagSource, PrometheusSource, SignalError, SignalSource, StaticSource};
 use crate::snapshot::{self, Snapshot, SnapshotSender};
@@ -59,6 +60,10 @@ pub struct ServiceParts {
     pub policy: Policy,
     /// Time source.
     pub clock: Arc<dyn Clock>,
+    /// Metrics registry (shared with the reconciler).
+    pub metrics: Arc<Metrics>,
+    /// The reconciler, in active mode; `None`: advisory (plans published, never executed).
+    pub reconciler: Option<Reconciler>,
 }
 
 /// The signal sources a configuration describes. Clients are created here (no network I/O
@@ -122,7 +127,7 @@ impl Running {
 pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running, ServiceError> {
     let grpc_addr = parts.grpc.local_addr()?;
     let http_addr = parts.http.local_addr()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::clone(&parts.metrics);
     let (tx, rx) = snapshot::channel();
     let (err_tx, err_rx) = watch::channel(None::<String>);
     let err_tx = Arc::new(err_tx);
@@ -147,16 +152,19 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
     ));
     let (first_round_tx, first_round_rx) = watch::channel(0usize);
     let first_round_tx = Arc::new(first_round_tx);
+    // A sample that raises the lag wakes the tick loop at once.
+    let wake = Arc::new(Notify::new());
     for source in &parts.sources {
-        tracker.spawn(sample_loop(
-            Arc::clone(source),
-            Arc::clone(&board),
-            Arc::clone(&parts.clock),
-            source.poll_interval().unwrap_or(parts.poll_interval),
-            Arc::clone(&metrics),
-            Arc::clone(&first_round_tx),
-            shutdown.clone(),
-        ));
+        let sampler = Sampler {
+            source: Arc::clone(source),
+            board: Arc::clone(&board),
+            clock: Arc::clone(&parts.clock),
+            interval: source.poll_interval().unwrap_or(parts.poll_interval),
+            metrics: Arc::clone(&metrics),
+            first_round: Arc::clone(&first_round_tx),
+            wake: Arc::clone(&wake),
+        };
+        tracker.spawn(sampler.run(shutdown.clone()));
     }
 
     let ticker = Ticker {
@@ -166,6 +174,8 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
         clock: Arc::clone(&parts.clock),
         metrics: Arc::clone(&metrics),
         snapshots: tx,
+        reconciler: parts.reconciler,
+        wake,
     };
     let sources = parts.sources.len();
     let (tick_interval, poll_interval) = (parts.tick_interval, slowest);
@@ -221,58 +231,76 @@ pub fn start(parts: ServiceParts, shutdown: CancellationToken) -> Result<Running
     })
 }
 
-/// Polls one source every `interval` until shutdown.
-async fn sample_loop(
+/// Polls one source into the board.
+struct Sampler {
     source: Arc<dyn SignalSource>,
     board: Arc<SignalBoard>,
     clock: Arc<dyn Clock>,
     interval: Duration,
     metrics: Arc<Metrics>,
+    /// Counts sources that reported once (the first tick waits for all, bounded).
     first_round: Arc<watch::Sender<usize>>,
-    shutdown: CancellationToken,
-) {
-    let kind = source.kind();
-    let labels = vec![("signal", kind.as_str().to_owned())];
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first = true;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let span = info_span!("sample", signal = kind.as_str());
-        // Sources bound their own calls; this outer bound keeps a stuck one from stalling the
-        // loop past one interval.
-        let result = match tokio::time::timeout(interval, source.sample())
-            .instrument(span)
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(crate::signals::SignalError::Timeout {
-                backend: kind.as_str(),
-                timeout_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-            }),
-        };
-        match &result {
-            Ok(r) => {
-                debug!(
-                    signal = kind.as_str(),
-                    value = r.value,
-                    max_workers = r.max_workers,
-                    "sampled"
-                );
-                metrics.signal_value.get_or_create(&labels).set(r.value);
+    /// Notified when a sample raises the lag.
+    wake: Arc<Notify>,
+}
+
+impl Sampler {
+    /// Polls every `interval` until shutdown.
+    async fn run(self, shutdown: CancellationToken) {
+        let Sampler {
+            source,
+            board,
+            clock,
+            interval,
+            metrics,
+            first_round,
+            wake,
+        } = self;
+        let kind = source.kind();
+        let labels = vec![("signal", kind.as_str().to_owned())];
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
             }
-            Err(e) => {
-                warn!(signal = kind.as_str(), error = %e, "sample failed; signal goes stale");
-                metrics.signal_failures.get_or_create(&labels).inc();
+            let span = info_span!("sample", signal = kind.as_str());
+            // Sources bound their own calls; this outer bound keeps a stuck one from stalling the
+            // loop past one interval.
+            let result = match tokio::time::timeout(interval, source.sample())
+                .instrument(span)
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(crate::signals::SignalError::Timeout {
+                    backend: kind.as_str(),
+                    timeout_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+                }),
+            };
+            match &result {
+                Ok(r) => {
+                    debug!(
+                        signal = kind.as_str(),
+                        value = r.value,
+                        max_workers = r.max_workers,
+                        "sampled"
+                    );
+                    metrics.signal_value.get_or_create(&labels).set(r.value);
+                }
+                Err(e) => {
+                    warn!(signal = kind.as_str(), error = %e, "sample failed; signal goes stale");
+                    metrics.signal_failures.get_or_create(&labels).inc();
+                }
             }
-        }
-        board.record(kind, &result, clock.now());
-        if first {
-            first = false;
-            first_round.send_modify(|n| *n += 1);
+            if board.record(kind, &result, clock.now()) {
+                wake.notify_one();
+            }
+            if first {
+                first = false;
+                first_round.send_modify(|n| *n += 1);
+            }
         }
     }
 }
@@ -285,23 +313,35 @@ struct Ticker {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     snapshots: SnapshotSender,
+    reconciler: Option<Reconciler>,
+    wake: Arc<Notify>,
 }
 
+/// Longest wait for in-flight reconcile steps (terminates, joins) at shutdown.
+const SHUTDOWN_SETTLE: Duration = Duration::from_secs(15);
+
 impl Ticker {
-    async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    async fn run(mut self, interval: Duration, shutdown: CancellationToken) {
         let mut previous: Option<Plan> = None;
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
+                    if let Some(r) = self.reconciler.as_mut() {
+                        if tokio::time::timeout(SHUTDOWN_SETTLE, r.settle()).await.is_err() {
+                            warn!("reconcile steps still running at shutdown; the next start resumes them");
+                        }
+                    }
                     info!("tick loop stopped");
                     return;
                 }
-                _ = ticks.tick() => {}
+                _ = tokio::time::sleep_until(next) => {}
+                // Demand rose: act now rather than a tick interval later.
+                _ = self.wake.notified() => debug!("woken by rising demand"),
             }
             // A tick, once started, runs to completion even if shutdown fires meanwhile.
-            let plan = self.tick().instrument(info_span!("tick")).await;
+            let (plan, requeue) = self.tick().instrument(info_span!("tick")).await;
+            next = tokio::time::Instant::now() + interval.min(requeue);
             let changed = previous
                 .as_ref()
                 .is_none_or(|p| p.steps != plan.steps || p.holds != plan.holds);
@@ -318,30 +358,50 @@ impl Ticker {
         }
     }
 
-    async fn tick(&self) -> Plan {
+    async fn tick(&mut self) -> (Plan, Duration) {
         let started = Instant::now();
-        let now = self.clock.now();
         let signals = self.board.signals();
-        // Advisory mode: no provider executes plans yet, so the view is the baseline alone.
-        let view = ClusterView {
-            synced: true,
-            baseline_gpus: self.baseline_gpus,
-            pods: Vec::new(),
+        let (plan, fleet, errors, mode, requeue) = match self.reconciler.as_mut() {
+            Some(r) => {
+                let report = r.tick(&signals, &self.policy).await;
+                for e in &report.errors {
+                    warn!(error = %e, "reconcile");
+                }
+                (
+                    report.plan,
+                    report.fleet,
+                    report.errors,
+                    "active",
+                    report.requeue_after,
+                )
+            }
+            None => {
+                // Advisory mode: nothing executes plans, so the view is the baseline alone.
+                let view = ClusterView {
+                    synced: true,
+                    baseline_gpus: self.baseline_gpus,
+                    pods: Vec::new(),
+                };
+                let plan = decide(&view, &signals, &self.policy, self.clock.now());
+                (plan, Vec::new(), Vec::new(), "advisory", Duration::MAX)
+            }
         };
-        let plan = decide(&view, &signals, &self.policy, now);
+        let now = self.clock.now();
         let status = self.board.status(now, self.policy.stale_after_intervals);
         self.record(&plan, &status);
         self.snapshots.send_replace(Some(Arc::new(Snapshot {
             at: now,
             plan: plan.clone(),
             signals: status,
-            mode: "advisory",
+            mode,
+            fleet,
+            errors,
         })));
         self.metrics.ticks.inc();
         self.metrics
             .tick_seconds
             .observe(started.elapsed().as_secs_f64());
-        plan
+        (plan, requeue)
     }
 
     fn record(&self, plan: &Plan, status: &[crate::snapshot::SignalStatus]) {

@@ -263,6 +263,7 @@ fn settings(
     offers: Vec<OfferSpec>,
 ) -> ReconcileSettings {
     ReconcileSettings {
+        baseline_gpus: 0,
         cluster: "t1".into(),
         name_prefix: "rpa-".into(),
         image: "runpod/base:0.6.2".into(),

@@ -8,6 +8,7 @@ use runpod_autoscaler::config::Config;
 use runpod_autoscaler::service::ServiceParts;
 use runpod_autoscaler::signals::SignalSource;
 use runpod_autoscaler::snapshot::{Snapshot, SnapshotReceiver};
+use runpod_autoscaler::telemetry::Metrics;
 
 /// Tick period for tests: fast enough that a condition shows within a few hundred ms.
 pub const TEST_TICK: Duration = Duration::from_millis(100);
@@ -25,6 +26,8 @@ pub async fn loopback_parts(config: &Config, sources: Vec<Arc<dyn SignalSource>>
         baseline_gpus: config.baseline.gpus,
         policy: config.planner_policy(),
         clock: Arc::new(SystemClock),
+        metrics: Arc::new(Metrics::new()),
+        reconciler: None,
     }
 }
 

@@ -9,6 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod reconcile;
+
+pub use reconcile::{
+    public_key_path, JoinConfig, JoinMode, KubeTemplate, Mode, OfferConfig, ReconcileConfig,
+};
+
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -59,6 +65,15 @@ pub struct Config {
     /// RunPod account access.
     #[serde(default)]
     pub runpod: RunPodConfig,
+    /// Acting on RunPod (advisory by default).
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
+    /// What joining a pod means.
+    #[serde(default)]
+    pub join: JoinConfig,
+    /// What may be bought, cheapest effective price first; empty: `policy.gpu_type` on demand.
+    #[serde(default)]
+    pub offers: Vec<OfferConfig>,
 }
 
 /// Listeners and loop timing.
@@ -678,6 +693,12 @@ impl Config {
         if self.runpod.call_deadline.is_zero() {
             return invalid("runpod.call_deadline", "is 0".into(), "set e.g. \"60s\"");
         }
+        reconcile::validate(
+            &self.reconcile,
+            &self.join,
+            &self.offers,
+            self.runpod.api_key.as_ref().is_some_and(|k| !k.is_empty()),
+        )?;
         if let Some(tls) = &self.service.tls {
             for (key, path) in [
                 ("service.tls.cert_file", Some(&tls.cert_file)),
@@ -1150,6 +1171,6 @@ mod tests {
 
     #[test]
     fn the_local_example_is_valid() {
-        Config::from_toml(include_str!("../examples/local.toml")).unwrap();
+        Config::from_toml(include_str!("../../examples/local.toml")).unwrap();
     }
 }
