@@ -39,6 +39,40 @@ fn binary(var: &str) -> PathBuf {
     }
 }
 
+/// The built example `name` (`target/<profile>/examples/<name>`), found from this test binary's
+/// own location (`target/<profile>/deps/<test>-<hash>`). Fails the test with the fix when it is
+/// missing or older than its source: integration tests cannot make cargo build an example, and
+/// `scripts/test.sh` builds it (`cargo build --all-targets`).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    let Some(profile_dir) = exe.parent().and_then(std::path::Path::parent) else {
+        panic!(
+            "cannot find the target directory from the test binary {}",
+            exe.display()
+        );
+    };
+    let bin = profile_dir.join("examples").join(name);
+    let fix = format!("build it with `cargo build --example {name}` (or run scripts/test.sh)");
+    assert!(
+        bin.is_file(),
+        "example binary {} not found: {fix}",
+        bin.display()
+    );
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(format!("{name}.rs"));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(edited)) = (modified(&bin), modified(&source)) {
+        assert!(
+            built >= edited,
+            "example binary {} is older than {}: {fix}",
+            bin.display(),
+            source.display()
+        );
+    }
+    bin
+}
+
 /// `TCP_NODELAY` of every connection this process accepted on `server` (the server side of each
 /// TCP connection to that address, found among the process's open descriptors). Tests run
 /// servers in-process, so the sockets they accepted are here to read back.
