@@ -125,6 +125,12 @@ pub struct AdminPod {
     pub sshd_pid: Option<u32>,
     /// Port of its sshd, when running one.
     pub ssh_port: Option<u16>,
+    /// When it was created (emulator clock).
+    pub created_at: Timestamp,
+    /// When it was terminated, if it was.
+    pub terminated_at: Option<Timestamp>,
+    /// What it bills per hour while it runs (price × GPUs), whatever its state now.
+    pub price_per_hour: f64,
 }
 
 /// Everything the emulator knows.
@@ -807,6 +813,9 @@ impl World {
                 usd_per_hour: p.rate(),
                 sshd_pid: p.sshd.as_ref().map(|s| s.pid()),
                 ssh_port: p.sshd.as_ref().map(|s| s.port),
+                created_at: p.created_at,
+                terminated_at: p.terminated_at,
+                price_per_hour: p.price * f64::from(p.gpu_count),
             })
             .collect()
     }

@@ -286,6 +286,12 @@ pub trait CloudProvider: Send + Sync {
     /// before any retry, so a pod is never created twice.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError>;
 
+    /// Creates a pod once, for a caller that has persisted its intent and resolves an ambiguous
+    /// outcome from its own later listings (the reconciler's claims): rate limits are waited
+    /// out (nothing was created), any other failure is returned at once and never followed by
+    /// a second create; a spot rent returns its id without waiting for GET to show it.
+    async fn create(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError>;
+
     /// One pod by id; `Ok(None)` when it does not exist.
     async fn get(&self, id: &PodId) -> Result<Option<Pod>, ProviderError>;
 

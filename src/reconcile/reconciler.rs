@@ -576,8 +576,8 @@ impl Reconciler {
             let spec = self.launch_spec(&claim);
             let result = ops::bounded(
                 settings.provider_timeout,
-                "launch",
-                ctx.provider.launch(&spec),
+                "create",
+                ctx.provider.create(&spec),
             )
             .await;
             match result {

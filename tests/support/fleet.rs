@@ -16,6 +16,7 @@ use runpod_autoscaler::join::pod::{JoinPlan, SshShell, HEALTH_QUERY};
 use runpod_autoscaler::join::SshKey;
 use runpod_autoscaler::model::{Cloud, GpuTypeId, PodState, Secret, Timestamp, Usd};
 use runpod_autoscaler::provider::runpod::{RetryPolicy, RunPodClient, RunPodSettings, Sleeper};
+use runpod_autoscaler::provider::CloudProvider;
 use runpod_autoscaler::reconcile::claims::{ClaimTiming, RedbClaims};
 use runpod_autoscaler::reconcile::{Context, ReconcileSettings, Reconciler, TickReport};
 use runpod_autoscaler::telemetry::Metrics;
@@ -52,6 +53,10 @@ pub struct FleetConfig {
     pub offers: Vec<OfferSpec>,
     /// Emulator seed.
     pub seed: u64,
+    /// Run a real sshd per pod (off: pods never become reachable, for fast money-only runs).
+    pub sshd: bool,
+    /// Wraps the RunPod client (fault injection around the real client).
+    pub wrap: Option<Box<dyn FnOnce(Arc<RunPodClient>) -> Arc<dyn CloudProvider>>>,
 }
 
 /// The reference policy of these tests: up to 4 one-GPU A5000 pods, $2/h, 100 lag per GPU, no
@@ -101,6 +106,8 @@ impl Default for FleetConfig {
             health_command: HEALTH_QUERY.into(),
             offers: offers(),
             seed: 1,
+            sshd: true,
+            wrap: None,
         }
     }
 }
@@ -138,6 +145,7 @@ impl Fleet {
                 api_keys: vec![Secret::new(KEY)],
                 boot_delay: cfg.boot_delay,
                 seed: cfg.seed,
+                sshd: cfg.sshd,
                 faults: cfg.faults,
                 ..EmulatorConfig::default()
             },
@@ -152,8 +160,13 @@ impl Fleet {
         let state_dir = tempfile::tempdir().unwrap();
         let claims = Arc::new(RedbClaims::open(state_dir.path()).unwrap());
         let metrics = Arc::new(Metrics::new());
+        let client = Arc::new(client(&emu, &clock));
+        let provider: Arc<dyn CloudProvider> = match cfg.wrap {
+            Some(wrap) => wrap(client),
+            None => client,
+        };
         let ctx = Arc::new(Context {
-            provider: Arc::new(client(&emu, &clock)),
+            provider,
             shell: Arc::new(SshShell::trust_on_first_use(key)),
             claims: claims.clone(),
             clock: Arc::new(clock.clone()),

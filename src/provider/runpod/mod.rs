@@ -586,6 +586,38 @@ impl RunPodClient {
         Ok(k.keys)
     }
 
+    /// One create for a caller that resolves ambiguity itself: rate limits are waited out
+    /// (nothing was created), anything else ends the call; a spot rent is read once.
+    async fn create_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
+        let owner = &self.settings.owner;
+        let full_name = format!("{}{}", owner.name_prefix, spec.name);
+        let mut env = spec.env.clone();
+        env.insert(OwnerMarker::ENV.to_owned(), owner.owner.clone());
+        let policy = &self.settings.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self
+                .create_once(budget, spec, &full_name, &env, Wait::No)
+                .await
+            {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            match &err {
+                ProviderError::RateLimited { retry_after }
+                    if *retry_after <= policy.max_retry_after && attempt < policy.max_attempts =>
+                {
+                    let wait = (*retry_after).max(policy.backoff(attempt));
+                    if !self.wait(budget, wait).await {
+                        return Err(err);
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
     async fn launch_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
         let owner = &self.settings.owner;
         let full_name = format!("{}{}", owner.name_prefix, spec.name);
@@ -595,7 +627,10 @@ impl RunPodClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let err = match self.create_once(budget, spec, &full_name, &env).await {
+            let err = match self
+                .create_once(budget, spec, &full_name, &env, Wait::ForListing)
+                .await
+            {
                 Ok(p) => return Ok(p),
                 Err(e) => e,
             };
@@ -639,6 +674,7 @@ impl RunPodClient {
         spec: &LaunchSpec,
         full_name: &str,
         env: &BTreeMap<String, String>,
+        wait: Wait,
     ) -> Result<Pod, ProviderError> {
         let gpu = spec.gpu_type.as_str();
         match spec.spot_bid_per_gpu {
@@ -717,7 +753,7 @@ impl RunPodClient {
                     ssh: None,
                     env: env.clone(),
                 };
-                Ok(self.read_new_pod(budget, known).await)
+                Ok(self.read_new_pod(budget, known, wait).await)
             }
         }
     }
@@ -725,8 +761,12 @@ impl RunPodClient {
     /// Reads a pod just rented. A 404 right after creation is RunPod's listing lag, not a
     /// vanished pod: poll over the propagation window; if it is still invisible (or GET
     /// fails), return what is known.
-    async fn read_new_pod(&self, budget: &Budget, known: Pod) -> Pod {
+    async fn read_new_pod(&self, budget: &Budget, known: Pod, wait: Wait) -> Pod {
         let mut waits = PropagationWaits::default();
+        if wait == Wait::No {
+            // One look; the caller's own listings catch up with the pod.
+            waits.waited = PROPAGATION_WINDOW;
+        }
         loop {
             match self.get_in(budget, &known.id).await {
                 Ok(Some(p)) => return p,
@@ -745,6 +785,15 @@ impl RunPodClient {
             }
         }
     }
+}
+
+/// Whether a create waits for RunPod's listings to show a new pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Over the propagation window (`launch`).
+    ForListing,
+    /// Not at all (`create`: the caller resolves from its own listings).
+    No,
 }
 
 /// The deadline of one public call, on the client's clock.
@@ -826,6 +875,11 @@ fn encode(s: &str) -> String {
 impl CloudProvider for RunPodClient {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
         self.call("launch", |b| async move { self.launch_in(&b, spec).await })
+            .await
+    }
+
+    async fn create(&self, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
+        self.call("create", |b| async move { self.create_in(&b, spec).await })
             .await
     }
 
