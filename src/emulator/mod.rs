@@ -389,12 +389,14 @@ mod tests {
             retry_after_secs = 2
             capacity_exhausted = ["NVIDIA H200"]
             preempt_spot_after = "10m"
+            ssh_unreachable = true
             "#,
         )
         .unwrap();
         assert_eq!(c.boot_delay, Duration::from_millis(500));
         assert_eq!(c.faults.rate_limit_rate, 0.25);
         assert_eq!(c.faults.preempt_spot_after, Some(Duration::from_secs(600)));
+        assert!(c.faults.ssh_unreachable && !c.faults.never_ready);
         assert_eq!(c.gpus.len(), 9, "default catalog");
         assert_eq!(format!("{:?}", c.api_keys), "[[redacted]]");
         let err = EmulatorConfig::from_toml("[faults]\nrate_limit = 1.0").unwrap_err();

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -102,14 +103,13 @@ impl SshdProcess {
         let host_key = config_path(spec.host_key)?;
         let run_dir = spec.run_dir;
         std::fs::create_dir_all(&run_dir)?;
+        // The wrapper holds the pod's env (secrets among it): root only, as in a container.
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))?;
         let run = config_path(&run_dir)?;
         authorize(spec.home, spec.keys)?;
         let session = run_dir.join("session");
         std::fs::write(&session, session_script(spec.home, &spec.env))?;
-        std::fs::set_permissions(
-            &session,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
+        std::fs::set_permissions(&session, std::fs::Permissions::from_mode(0o700))?;
         let conf = run_dir.join("sshd_config");
         std::fs::write(
             &conf,
