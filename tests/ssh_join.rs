@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runpod_autoscaler::clock::ManualClock;
-use runpod_autoscaler::emulator::{sshd, EmulatorConfig, RunningEmulator};
+use runpod_autoscaler::emulator::{sshd, AdminPod, EmulatorConfig, Faults, RunningEmulator};
 use runpod_autoscaler::join::{self, HostKeyPolicy, JoinError, KnownHosts, SshKey, SshTarget};
 use runpod_autoscaler::model::Secret;
-use runpod_autoscaler::model::{GpuTypeId, Timestamp};
-use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
-use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec};
+use runpod_autoscaler::model::{GpuTypeId, PodId, Timestamp};
+use runpod_autoscaler::provider::runpod::{PodAction, RunPodClient, RunPodSettings};
+use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec, Pod};
 use tokio::time::Instant;
 
 /// Where to SSH for an endpoint the API reports.
@@ -51,8 +51,13 @@ const KEY: &str = "rpa_ssh_test_key";
 /// sshd is listening within milliseconds of spawn; 10 s only guards a broken machine.
 const SSH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// True while `pid` runs (a zombie, killed but not yet reaped by its new parent, is dead).
 fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 #[tokio::test]
@@ -243,10 +248,21 @@ async fn emulator_shutdown_kills_every_sshd() {
     let pids: Vec<u32> = emu.admin_pods().iter().filter_map(|p| p.sshd_pid).collect();
     assert_eq!(pids.len(), 3);
     assert!(pids.iter().all(|p| pid_alive(*p)));
+    let dirs: Vec<String> = emu
+        .admin_pods()
+        .iter()
+        .filter_map(|p| p.pod_dir.clone())
+        .collect();
+    assert_eq!(dirs.len(), 3);
+    assert!(dirs.iter().all(|d| std::path::Path::new(d).is_dir()));
     drop(emu);
     assert!(
         pids.iter().all(|p| !pid_alive(*p)),
         "sshd leaked after drop"
+    );
+    assert!(
+        dirs.iter().all(|d| !std::path::Path::new(d).exists()),
+        "pod homes left after drop: {dirs:?}"
     );
 }
 
@@ -372,4 +388,486 @@ async fn public_key_and_port_22_start_sshd_without_start_ssh() {
     .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acct");
     emu.shutdown().await;
+}
+
+/// An emulator (boot delay 0, the given faults) with a RunPod client and an SSH key pair.
+struct Pods {
+    emu: RunningEmulator,
+    client: RunPodClient,
+    key: SshKey,
+    public: String,
+    pinned: HostKeyPolicy,
+    _dir: tempfile::TempDir,
+}
+
+impl Pods {
+    async fn start(faults: Faults) -> Pods {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("id_ed25519");
+        let public = sshd::generate_key(&key_path, "rpa-test").unwrap();
+        let cfg = EmulatorConfig {
+            api_keys: vec![Secret::new(KEY)],
+            boot_delay: Duration::ZERO,
+            faults,
+            ..EmulatorConfig::default()
+        };
+        let clock = ManualClock::new(Timestamp::from_secs(1_780_000_000));
+        let emu = RunningEmulator::start_local(cfg, Arc::new(clock))
+            .await
+            .unwrap();
+        let client = RunPodClient::new(RunPodSettings::new(
+            emu.api_url(),
+            emu.graphql_url(),
+            Secret::new(KEY),
+        ))
+        .unwrap();
+        let pinned = HostKeyPolicy::Pinned(vec![emu.host_public_key().unwrap()]);
+        Pods {
+            key: SshKey::load(&key_path).unwrap(),
+            emu,
+            client,
+            public,
+            pinned,
+            _dir: dir,
+        }
+    }
+
+    /// A RUNNING pod of `count` × `gpu` authorizing our key (with `WORKER_MODE` in its env).
+    async fn launch(&self, name: &str, gpu: &str, count: u32) -> Pod {
+        let mut env = BTreeMap::new();
+        env.insert("PUBLIC_KEY".to_string(), self.public.clone());
+        env.insert("WORKER_MODE".to_string(), "ssh-test".to_string());
+        let pod = self
+            .client
+            .launch(&LaunchSpec {
+                name: name.into(),
+                gpu_type: GpuTypeId(gpu.into()),
+                gpu_count: count,
+                cloud: Cloud::Secure,
+                image: "runpod/base:0.6.2".into(),
+                env,
+                spot_bid_per_gpu: None,
+                data_center_ids: vec![],
+                disk_gb: 20,
+            })
+            .await
+            .unwrap();
+        self.client.get(&pod.id).await.unwrap().unwrap()
+    }
+
+    fn admin(&self, id: &PodId) -> AdminPod {
+        self.emu
+            .admin_pods()
+            .into_iter()
+            .find(|p| p.id == id.as_str())
+            .unwrap()
+    }
+
+    /// Runs `cmd` on `pod` (retrying while its sshd starts).
+    async fn run(&self, pod: &Pod, cmd: &str) -> (Option<u32>, String, String) {
+        let out = login(
+            &target_of(pod.ssh.as_ref().unwrap()),
+            &self.key,
+            &self.pinned,
+            cmd,
+        )
+        .await;
+        (
+            out.exit_status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// One attempt at `cmd` on `pod` (no retry).
+    async fn try_run(&self, pod: &Pod, cmd: &str) -> Result<join::ExecOutput, JoinError> {
+        join::exec(
+            &target_of(pod.ssh.as_ref().unwrap()),
+            &self.key,
+            &self.pinned,
+            cmd,
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    /// An admin call: status and JSON body.
+    async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.emu.api_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+fn refused(err: &JoinError) -> bool {
+    matches!(err, JoinError::Connect { detail, .. } if detail.to_lowercase().contains("refused"))
+}
+
+#[tokio::test]
+async fn sessions_get_the_pod_home_path_and_runpod_env_and_pods_are_isolated() {
+    let t = Pods::start(Faults::default()).await;
+    let a = t.launch("home-a", "NVIDIA RTX A5000", 2).await;
+    let b = t.launch("home-b", "NVIDIA RTX A5000", 1).await;
+    let dir_a = t.admin(&a.id).pod_dir.expect("pod a has a directory");
+    let dir_b = t.admin(&b.id).pod_dir.expect("pod b has a directory");
+    assert_ne!(dir_a, dir_b);
+
+    let (status, out, err) = t
+        .run(
+            &a,
+            "printf '%s\\n' \"$HOME\" \"$(pwd)\" \"$PATH\" \"$RUNPOD_POD_ID\" \"$RUNPOD_GPU_COUNT\" \
+             \"$RUNPOD_POD_HOSTNAME\" \"$RUNPOD_TCP_PORT_22\" \"$WORKER_MODE\" \"$(command -v nvidia-smi)\"",
+        )
+        .await;
+    assert_eq!(status, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let port = a.ssh.as_ref().unwrap().port.to_string();
+    let bin = format!("{dir_a}/bin");
+    assert_eq!(lines[0], dir_a, "HOME");
+    assert_eq!(lines[1], dir_a, "a session starts in its home");
+    assert!(
+        lines[2].starts_with(&format!("{bin}:")),
+        "PATH {}",
+        lines[2]
+    );
+    assert!(
+        lines[2].split(':').any(|p| p == "/usr/bin"),
+        "system PATH after: {}",
+        lines[2]
+    );
+    assert_eq!(lines[3], a.id.as_str(), "RUNPOD_POD_ID");
+    assert_eq!(lines[4], "2", "RUNPOD_GPU_COUNT");
+    assert!(
+        lines[5].starts_with(&format!("{}-", a.id.as_str())),
+        "RUNPOD_POD_HOSTNAME {}",
+        lines[5]
+    );
+    assert_eq!(lines[6], port, "RUNPOD_TCP_PORT_22");
+    assert_eq!(lines[7], "ssh-test", "the pod's own env");
+    assert_eq!(lines[8], format!("{bin}/nvidia-smi"));
+    // A login shell (no command) keeps the pod's bin first although /etc/profile resets PATH.
+    let (_, out, _) = t.run(&a, "exec \"$SHELL\" -l -c 'echo $PATH'").await;
+    assert!(
+        out.starts_with(&format!("{bin}:")),
+        "login shell PATH {out}"
+    );
+
+    // What one pod writes under $HOME the other does not see.
+    let (status, _, err) = t
+        .run(&a, "mkdir -p \"$HOME/.runpod-autoscaler\" && echo done > \"$HOME/.runpod-autoscaler/bootstrapped\"")
+        .await;
+    assert_eq!(status, Some(0), "{err}");
+    assert!(std::path::Path::new(&dir_a)
+        .join(".runpod-autoscaler/bootstrapped")
+        .is_file());
+    let (status, out, _) = t
+        .run(
+            &b,
+            "test -e \"$HOME/.runpod-autoscaler/bootstrapped\"; echo \"$? $HOME\"",
+        )
+        .await;
+    assert_eq!(status, Some(0));
+    assert_eq!(out.trim(), format!("1 {dir_b}"));
+
+    // A pod's processes die with it, even one detached from its session.
+    let (_, out, _) = t
+        .run(&a, "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    let worker: u32 = out.trim().parse().unwrap();
+    assert!(pid_alive(worker));
+
+    // Restart: a new container, with a fresh home (RunPod's container disk is volatile).
+    t.client.action(&b.id, PodAction::Restart).await.unwrap();
+    let b = t.client.get(&b.id).await.unwrap().unwrap();
+    assert!(b.is_ready(), "{b:?}");
+    let (_, out, _) = t
+        .run(
+            &b,
+            "test -e .runpod-autoscaler/bootstrapped; echo $?; ls bin",
+        )
+        .await;
+    assert_eq!(out, "1\nnvidia-smi\n");
+
+    // Terminate: its directory is gone, its processes ended; the other pod keeps its own.
+    t.client.terminate(&a.id).await.unwrap();
+    assert!(
+        !std::path::Path::new(&dir_a).exists(),
+        "{dir_a} left after terminate"
+    );
+    assert_eq!(t.admin(&a.id).pod_dir, None);
+    assert!(
+        !pid_alive(worker),
+        "a process of the terminated pod is still running"
+    );
+    assert!(std::path::Path::new(&dir_b)
+        .join("bin/nvidia-smi")
+        .is_file());
+    t.emu.shutdown().await;
+    assert!(
+        !std::path::Path::new(&dir_b).exists(),
+        "{dir_b} left after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn nvidia_smi_reports_the_pods_gpus_and_follows_utilization_set_both_ways() {
+    let t = Pods::start(Faults::default()).await;
+    let pod = t.launch("smi", "NVIDIA RTX A6000", 2).await;
+    const QUERY: &str =
+        "nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv,noheader,nounits";
+    /// (name, MiB, util) per line, as the reconciler's health check parses them.
+    fn parse(out: &str) -> Vec<(String, u64, u32)> {
+        out.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').map(str::trim).collect();
+                assert_eq!(f.len(), 3, "{l:?}");
+                (
+                    f[0].to_owned(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+    let gpu = |util| ("NVIDIA RTX A6000".to_owned(), 48 * 1024, util);
+
+    let (status, out, err) = t.run(&pod, QUERY).await;
+    assert_eq!(status, Some(0), "{err}");
+    assert_eq!(parse(&out), vec![gpu(0), gpu(0)]);
+    let (_, out, _) = t.run(&pod, "nvidia-smi -L").await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for (i, l) in lines.iter().enumerate() {
+        let rest = l
+            .strip_prefix(&format!("GPU {i}: NVIDIA RTX A6000 (UUID: GPU-"))
+            .unwrap_or_else(|| panic!("{l}"));
+        assert!(rest.ends_with(')') && rest.len() == 37, "{l}");
+    }
+
+    // The admin API sets it; nvidia-smi, /admin/pods and the pod's runtime report it.
+    let path = format!("/admin/pods/{}/utilization", pod.id.as_str());
+    let (code, body) = t
+        .admin_call(
+            reqwest::Method::PUT,
+            &path,
+            serde_json::json!({"percent": 65}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["gpuUtilization"], 65);
+    assert_eq!(parse(&t.run(&pod, QUERY).await.1), vec![gpu(65), gpu(65)]);
+    let rest: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v2/pods/{}", t.emu.api_url(), pod.id.as_str()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["runtime"]["gpus"][1]["util"], 65, "{rest}");
+
+    // A process on the pod sets it (a worker writing it while busy).
+    let (status, _, _) = t.run(&pod, "echo 12 > \"$HOME/.gpu_utilization\"").await;
+    assert_eq!(status, Some(0));
+    assert_eq!(parse(&t.run(&pod, QUERY).await.1), vec![gpu(12), gpu(12)]);
+    assert_eq!(t.admin(&pod.id).gpu_utilization, Some(12));
+
+    // Bad flags fail as the real tool does: exit status 2, a message, no output.
+    for cmd in [
+        "nvidia-smi -q",
+        "nvidia-smi --query-gpu=name,power.draw --format=csv",
+        "nvidia-smi --query-gpu=name",
+        "nvidia-smi --query-gpu=name --format=xml",
+    ] {
+        let (status, out, err) = t.run(&pod, cmd).await;
+        assert_eq!(status, Some(2), "{cmd}: {out}");
+        assert!(
+            out.is_empty() && err.contains("nvidia-smi"),
+            "{cmd}: {out} / {err}"
+        );
+    }
+
+    // Out-of-range or malformed utilization is 422 naming the field; unknown pods 404.
+    for bad in [
+        serde_json::json!({"percent": 101}),
+        serde_json::json!({"percent": -1}),
+        serde_json::json!({"percent": 50.5}),
+        serde_json::json!({"percent": "50"}),
+        serde_json::json!({"pct": 5}),
+        serde_json::json!({}),
+    ] {
+        let (code, body) = t.admin_call(reqwest::Method::PUT, &path, bad.clone()).await;
+        assert_eq!(code, 422, "{bad}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("percent"),
+            "{body}"
+        );
+    }
+    let (code, _) = t
+        .admin_call(
+            reqwest::Method::PUT,
+            "/admin/pods/nosuchpod/utilization",
+            serde_json::json!({"percent": 1}),
+        )
+        .await;
+    assert_eq!(code, 404);
+    assert_eq!(parse(&t.run(&pod, QUERY).await.1), vec![gpu(12), gpu(12)]);
+    t.emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn ssh_down_refuses_connections_and_up_restores_them_on_the_same_port() {
+    let t = Pods::start(Faults::default()).await;
+    let pod = t.launch("chaos", "NVIDIA RTX A5000", 1).await;
+    let port = pod.ssh.as_ref().unwrap().port;
+    assert_eq!(t.run(&pod, "echo up").await.1.trim(), "up");
+    let old_pid = t.admin(&pod.id).sshd_pid.unwrap();
+    let path = format!("/admin/pods/{}/ssh", pod.id.as_str());
+
+    let (code, body) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &path,
+            serde_json::json!({"up": false}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["sshPort"], port);
+    assert!(body["sshdPid"].is_null(), "{body}");
+    assert!(!pid_alive(old_pid), "sshd still running after down");
+    // The API still reports the mapping (RunPod's port mapping outlives a dead sshd) ...
+    let seen = t.client.get(&pod.id).await.unwrap().unwrap();
+    assert_eq!(seen.ssh.as_ref().map(|s| s.port), Some(port));
+    // ... and nothing accepts on it.
+    let err = t.try_run(&pod, "true").await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+    // Down again is a no-op.
+    let (code, _) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &path,
+            serde_json::json!({"up": false}),
+        )
+        .await;
+    assert_eq!(code, 200);
+
+    let (code, body) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &path,
+            serde_json::json!({"up": true}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["sshPort"], port, "same port when free");
+    assert!(body["sshdPid"].as_u64().is_some(), "{body}");
+    assert_eq!(t.run(&pod, "echo again").await.1.trim(), "again");
+    assert_eq!(
+        t.client
+            .get(&pod.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .ssh
+            .map(|s| s.port),
+        Some(port)
+    );
+
+    // Bad input and wrong states are clear errors.
+    for (body, want) in [
+        (serde_json::json!({"up": "yes"}), 422),
+        (serde_json::json!({}), 422),
+        (serde_json::json!({"up": true, "port": 22}), 422),
+    ] {
+        let (code, resp) = t
+            .admin_call(reqwest::Method::POST, &path, body.clone())
+            .await;
+        assert_eq!(code, want, "{body}: {resp}");
+        assert!(resp["detail"].as_str().unwrap().contains("up"), "{resp}");
+    }
+    let (code, _) = t
+        .admin_call(
+            reqwest::Method::POST,
+            "/admin/pods/nosuchpod/ssh",
+            serde_json::json!({"up": true}),
+        )
+        .await;
+    assert_eq!(code, 404);
+    t.client.action(&pod.id, PodAction::Stop).await.unwrap();
+    let (code, resp) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &path,
+            serde_json::json!({"up": true}),
+        )
+        .await;
+    assert_eq!(code, 409, "{resp}");
+    assert!(
+        resp["detail"].as_str().unwrap().contains("RUNNING"),
+        "{resp}"
+    );
+    t.emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn ssh_unreachable_pods_report_a_mapping_that_refuses() {
+    let t = Pods::start(Faults::default()).await;
+    // Settable through /admin/faults like every fault.
+    let (code, body) = t
+        .admin_call(
+            reqwest::Method::PUT,
+            "/admin/faults",
+            serde_json::json!({"ssh_unreachable": true}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["ssh_unreachable"], true);
+    let pod = t.launch("dark", "NVIDIA RTX A5000", 1).await;
+    assert!(pod.is_ready(), "RUNNING with an SSH mapping: {pod:?}");
+    let admin = t.admin(&pod.id);
+    assert_eq!(admin.ssh_port, Some(pod.ssh.as_ref().unwrap().port));
+    assert_eq!(admin.sshd_pid, None);
+    let err = t.try_run(&pod, "true").await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+
+    // never_ready is different: no mapping at all.
+    t.emu.set_faults(Faults {
+        never_ready: true,
+        ..Faults::default()
+    });
+    let hidden = t.launch("hidden", "NVIDIA RTX A5000", 1).await;
+    assert!(hidden.ssh.is_none() && !hidden.is_ready(), "{hidden:?}");
+    let (code, _) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &format!("/admin/pods/{}/ssh", hidden.id.as_str()),
+            serde_json::json!({"up": true}),
+        )
+        .await;
+    assert_eq!(code, 409);
+
+    // Brought up by hand, the unreachable pod accepts logins on its reported port.
+    t.emu.set_faults(Faults::default());
+    let (code, body) = t
+        .admin_call(
+            reqwest::Method::POST,
+            &format!("/admin/pods/{}/ssh", pod.id.as_str()),
+            serde_json::json!({"up": true}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["sshPort"], pod.ssh.as_ref().unwrap().port);
+    assert_eq!(t.run(&pod, "echo lit").await.1.trim(), "lit");
+    t.emu.shutdown().await;
 }

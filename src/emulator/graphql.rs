@@ -115,7 +115,13 @@ fn fields_of(ty: &str) -> &'static [FieldDef] {
         ],
         "PodRuntime" => &[
             ("uptimeInSeconds", Leaf("Int"), NONE),
+            ("gpus", Object("PodRuntimeGpus"), NONE),
             ("ports", Object("PodRuntimePorts"), NONE),
+        ],
+        "PodRuntimeGpus" => &[
+            ("id", Leaf("String"), NONE),
+            ("gpuUtilPercent", Leaf("Int"), NONE),
+            ("memoryUtilPercent", Leaf("Int"), NONE),
         ],
         "PodRuntimePorts" => &[
             ("ip", Leaf("String"), NONE),

@@ -42,6 +42,11 @@ pub(super) fn router(world: Shared) -> Router {
     let admin = Router::new()
         .route("/admin/pods", get(admin_pods))
         .route("/admin/pods/{id}/preempt", post(admin_preempt))
+        .route("/admin/pods/{id}/ssh", post(admin_ssh))
+        .route(
+            "/admin/pods/{id}/utilization",
+            axum::routing::put(admin_utilization),
+        )
         .route("/admin/faults", get(get_faults).put(put_faults))
         .route("/admin/host-key", get(host_key));
     api.merge(admin)
@@ -385,6 +390,63 @@ async fn admin_preempt(State(w): State<Shared>, Path(id): Path<String>) -> Respo
             "Conflict",
             format!("pod {id} is not RUNNING"),
         ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SshBody {
+    up: bool,
+}
+
+/// `POST /admin/pods/{id}/ssh` `{"up": bool}`: the pod's sshd stopped (connections refused,
+/// its mapping still reported) or started again (on the same port when free).
+async fn admin_ssh(State(w): State<Shared>, Path(id): Path<String>, body: Bytes) -> Response {
+    let b: SshBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_json(format!("body must be {{\"up\": true|false}}: {e}")),
+    };
+    let mut world = lock(&w);
+    world.advance();
+    match world.set_ssh(&id, b.up) {
+        Ok(pod) => ok_json(StatusCode::OK, json!(pod)),
+        Err(p) => problem(p),
+    }
+}
+
+/// `PUT /admin/pods/{id}/utilization` `{"percent": N}` (an integer 0–100, else 422): what the
+/// pod's `nvidia-smi` reports as every GPU's utilization from now on.
+async fn admin_utilization(
+    State(w): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    const USAGE: &str = "body must be {\"percent\": N} with N an integer from 0 to 100";
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_json(format!("{USAGE}: {e}")),
+    };
+    let Some(obj) = v.as_object() else {
+        return bad_json(format!("{USAGE}, got {v}"));
+    };
+    if let Some(k) = obj.keys().find(|k| k.as_str() != "percent") {
+        return bad_json(format!("{USAGE}; unknown field {k:?}"));
+    }
+    let Some(raw) = obj.get("percent") else {
+        return bad_json(format!("{USAGE}; percent is missing"));
+    };
+    let Some(percent) = raw
+        .as_u64()
+        .and_then(|p| u8::try_from(p).ok())
+        .filter(|p| *p <= 100)
+    else {
+        return bad_json(format!("{USAGE}, got percent = {raw}"));
+    };
+    let mut world = lock(&w);
+    world.advance();
+    match world.set_utilization(&id, percent) {
+        Ok(pod) => ok_json(StatusCode::OK, json!(pod)),
+        Err(p) => problem(p),
     }
 }
 

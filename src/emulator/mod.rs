@@ -5,12 +5,14 @@
 //! fault injection, and admin endpoints for tests (`/admin/...`, unauthenticated, loopback).
 //!
 //! Pods go PROVISIONING → STARTING (half the boot delay) → RUNNING (the boot delay); a RUNNING
-//! pod is a real `sshd` on its own 127.0.0.1 port (see [`sshd`]) unless `sshd = false`.
+//! pod is a real `sshd` on its own 127.0.0.1 port (see [`sshd`]) unless `sshd = false`, with
+//! its own home directory holding an `nvidia-smi` for its GPUs (see `home`).
 //! Never used by production code paths; compiled only with the `emulator` cargo feature (on by
 //! default, off in the image).
 #![cfg(feature = "emulator")]
 
 mod graphql;
+mod home;
 mod http;
 /// Real sshd processes for RUNNING pods (also key generation for tests).
 pub mod sshd;
@@ -145,6 +147,10 @@ pub struct Faults {
     pub slow_response: Duration,
     /// New pods reach RUNNING but never get an SSH mapping (no sshd, `ssh.direct` null).
     pub never_ready: bool,
+    /// New pods reach RUNNING with an SSH mapping (`ssh.direct`, `runtime.ports`) on which
+    /// nothing accepts: connections are refused (until `POST /admin/pods/{id}/ssh` brings
+    /// their sshd up).
+    pub ssh_unreachable: bool,
     /// `start` of a stopped pod fails: not enough free GPUs on its host.
     pub resume_refused: bool,
     /// Spot pods are preempted (RUNNING → EXITED, sshd killed) after running this long.
@@ -383,12 +389,14 @@ mod tests {
             retry_after_secs = 2
             capacity_exhausted = ["NVIDIA H200"]
             preempt_spot_after = "10m"
+            ssh_unreachable = true
             "#,
         )
         .unwrap();
         assert_eq!(c.boot_delay, Duration::from_millis(500));
         assert_eq!(c.faults.rate_limit_rate, 0.25);
         assert_eq!(c.faults.preempt_spot_after, Some(Duration::from_secs(600)));
+        assert!(c.faults.ssh_unreachable && !c.faults.never_ready);
         assert_eq!(c.gpus.len(), 9, "default catalog");
         assert_eq!(format!("{:?}", c.api_keys), "[[redacted]]");
         let err = EmulatorConfig::from_toml("[faults]\nrate_limit = 1.0").unwrap_err();

@@ -11,7 +11,8 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::sshd::{self, SshdProcess};
+use super::home::{self, Gpus};
+use super::sshd::{self, PortHold, SshdProcess, SshdSpec};
 use super::{EmulatorConfig, EmulatorError, Faults, GpuSpec};
 use crate::clock::Clock;
 use crate::model::{PodState, Timestamp};
@@ -44,6 +45,38 @@ pub(super) const HOST_FULL: &str =
     "There are not enough free GPUs on the host machine to start this pod.";
 /// Data centers the emulator knows; an unknown id rejects the whole create.
 pub(super) const DATA_CENTERS: [&str; 4] = ["US-KS-2", "US-TX-3", "EU-RO-1", "CA-MTL-1"];
+/// vCPUs per GPU: a typical RunPod GPU pod's ratio (GraphQL `vcpuCount`, `RUNPOD_CPU_COUNT`).
+const VCPUS_PER_GPU: u32 = 8;
+
+/// The host server name of a pod (GraphQL `machine.podHostId`, `RUNPOD_POD_HOSTNAME`), in
+/// RunPod's `<pod id>-<8 hex>` shape.
+fn pod_host_id(id: &str) -> String {
+    format!("{id}-64410a6e")
+}
+
+/// A RUNNING pod's SSH port, as the API reports it.
+#[derive(Debug, Default)]
+enum Ssh {
+    /// No mapping.
+    #[default]
+    None,
+    /// sshd accepts on its port.
+    Up(SshdProcess),
+    /// The mapping is reported but nothing accepts on it (admin `{"up": false}`,
+    /// `faults.ssh_unreachable`): connections are refused.
+    Down(PortHold),
+}
+
+impl Ssh {
+    /// The mapped port, accepting or not.
+    fn port(&self) -> Option<u16> {
+        match self {
+            Ssh::Up(s) => Some(s.port),
+            Ssh::Down(h) => Some(h.port),
+            Ssh::None => None,
+        }
+    }
+}
 
 /// A pod record.
 #[derive(Debug)]
@@ -78,8 +111,17 @@ struct PodRecord {
     accrued: f64,
     last_accrual: Timestamp,
     never_ready: bool,
+    /// Created (or started) under `faults.ssh_unreachable`: when RUNNING its SSH mapping is
+    /// reported but nothing accepts on it.
+    ssh_unreachable: bool,
     keys: Vec<String>,
-    sshd: Option<SshdProcess>,
+    ssh: Ssh,
+    /// The pod's home (its container disk, see [`home`]); `None` once terminated.
+    home: Option<PathBuf>,
+    /// The GPUs as the pod's `nvidia-smi` reports them.
+    gpus: Gpus,
+    /// An sshd ran since the container last stopped: processes of its sessions may be alive.
+    sessions_possible: bool,
 }
 
 impl PodRecord {
@@ -121,10 +163,16 @@ pub struct AdminPod {
     pub cost_accrued: f64,
     /// USD per hour now.
     pub usd_per_hour: f64,
-    /// PID of its sshd, when running one.
+    /// PID of its sshd, when one accepts connections.
     pub sshd_pid: Option<u32>,
-    /// Port of its sshd, when running one.
+    /// The SSH port the API reports (`ssh.direct`), whether or not anything accepts on it.
     pub ssh_port: Option<u16>,
+    /// The pod's directory: `HOME` of its SSH sessions, its container disk. `None` once
+    /// terminated (the directory is removed).
+    pub pod_dir: Option<String>,
+    /// GPU utilization (%) as the pod's `nvidia-smi` reports it; `None` without a home or when
+    /// `.gpu_utilization` holds no integer from 0 to 100.
+    pub gpu_utilization: Option<u8>,
     /// When it was created (emulator clock).
     pub created_at: Timestamp,
     /// When it was terminated, if it was.
@@ -149,6 +197,13 @@ pub(super) struct World {
     started: Timestamp,
 }
 
+/// What starting a pod's sshd needs from the world.
+struct SshCtx {
+    binary: PathBuf,
+    host_key: PathBuf,
+    run_root: PathBuf,
+}
+
 impl World {
     pub(super) fn new(
         config: EmulatorConfig,
@@ -158,6 +213,9 @@ impl World {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let work_dir =
             std::env::temp_dir().join(format!("rpa-emulator-{}-{n}", std::process::id()));
+        if config.sshd {
+            sshd::check_config_path(&work_dir).map_err(|e| EmulatorError::Config(e.to_string()))?;
+        }
         std::fs::create_dir_all(&work_dir)?;
         let host_key = if config.sshd {
             let path = work_dir.join("ssh_host_ed25519_key");
@@ -228,6 +286,7 @@ impl World {
         let boot = self.config.boot_delay;
         let preempt_after = self.faults.preempt_spot_after;
         let mut to_start = Vec::new();
+        let mut to_reopen = Vec::new();
         let mut to_preempt = Vec::new();
         for pod in self.pods.values_mut() {
             let elapsed = now.saturating_since(pod.last_accrual);
@@ -242,9 +301,10 @@ impl World {
                 PodState::Running => {
                     // An sshd that died (lost its port to another process) is restarted on
                     // a new port, as a pod's container would be.
-                    if pod.sshd.as_mut().is_some_and(|s| s.exited()) {
-                        pod.sshd = None;
-                        to_start.push(pod.id.clone());
+                    if let Ssh::Up(s) = &mut pod.ssh {
+                        if s.exited() {
+                            to_reopen.push(pod.id.clone());
+                        }
                     }
                     if let (Some(after), Some(_), Some(started)) =
                         (preempt_after, pod.bid, pod.started_at)
@@ -260,6 +320,11 @@ impl World {
         for id in to_start {
             self.make_running(&id, now);
         }
+        for id in to_reopen {
+            if let Err(e) = self.switch_ssh(&id, true) {
+                tracing::warn!(pod = %id, error = %e, "emulator: sshd did not restart");
+            }
+        }
         to_preempt.dedup();
         for id in to_preempt {
             self.preempt(&id);
@@ -267,10 +332,7 @@ impl World {
     }
 
     fn make_running(&mut self, id: &str, now: Timestamp) {
-        let sshd_on = self.config.sshd;
-        let binary = self.config.sshd_binary.clone();
-        let work_dir = self.work_dir.clone();
-        let host_key = self.host_key.as_ref().map(|(p, _)| p.clone());
+        let sshd_on = self.ssh_ctx().is_some();
         let Some(pod) = self.pods.get_mut(id) else {
             return;
         };
@@ -278,12 +340,96 @@ impl World {
             pod.status = PodState::Running;
             pod.started_at = Some(now);
         }
-        if sshd_on && !pod.never_ready && pod.ssh_capable {
-            if let Some(host_key) = host_key {
-                match SshdProcess::spawn(&binary, &work_dir, id, &host_key, &pod.keys) {
-                    Ok(p) => pod.sshd = Some(p),
-                    Err(e) => tracing::warn!(pod = id, error = %e, "emulator: sshd did not start"),
+        if sshd_on && !pod.never_ready && pod.ssh_capable && matches!(pod.ssh, Ssh::None) {
+            let up = !pod.ssh_unreachable;
+            if let Err(e) = self.switch_ssh(id, up) {
+                tracing::warn!(pod = id, error = %e, "emulator: sshd did not start");
+            }
+        }
+    }
+
+    /// The sshd settings, when pods run sshd at all (`sshd = true` and a host key).
+    fn ssh_ctx(&self) -> Option<SshCtx> {
+        let (host_key, _) = self.host_key.as_ref().filter(|_| self.config.sshd)?;
+        Some(SshCtx {
+            binary: self.config.sshd_binary.clone(),
+            host_key: host_key.clone(),
+            run_root: self.work_dir.join("sshd"),
+        })
+    }
+
+    /// Puts pod `id`'s SSH mapping up (sshd accepting) or down (the port held, connections
+    /// refused), on the port it has when that is free, else a new one. Down kills only the
+    /// listening sshd: sessions already open go on, as when a pod's sshd dies.
+    fn switch_ssh(&mut self, id: &str, up: bool) -> std::io::Result<()> {
+        let Some(ctx) = self.ssh_ctx() else {
+            return Err(std::io::Error::other("the emulator runs no sshd"));
+        };
+        let Some(pod) = self.pods.get_mut(id) else {
+            return Ok(());
+        };
+        let port = match std::mem::take(&mut pod.ssh) {
+            Ssh::Up(mut s) => {
+                if s.exited() {
+                    // It lost its port: the next sshd gets a new one.
+                    s.kill();
+                    None
+                } else if up {
+                    pod.ssh = Ssh::Up(s);
+                    return Ok(());
+                } else {
+                    s.kill();
+                    Some(s.port)
                 }
+            }
+            Ssh::Down(h) => {
+                if !up {
+                    pod.ssh = Ssh::Down(h);
+                    return Ok(());
+                }
+                Some(h.port)
+            }
+            Ssh::None => None,
+        };
+        if !up {
+            let hold = match port {
+                Some(p) => PortHold::bind(p).or_else(|_| PortHold::bind(0)),
+                None => PortHold::bind(0),
+            }?;
+            pod.ssh = Ssh::Down(hold);
+            return Ok(());
+        }
+        let had_port = port.is_some();
+        let port = match port {
+            Some(p) => p,
+            None => sshd::free_port()?,
+        };
+        let Some(home) = pod.home.clone() else {
+            return Err(std::io::Error::other("the pod has no home (terminated)"));
+        };
+        let spec = SshdSpec {
+            binary: &ctx.binary,
+            run_dir: ctx.run_root.join(&pod.id),
+            host_key: &ctx.host_key,
+            home: &home,
+            keys: &pod.keys,
+            env: session_env(pod, port),
+            port,
+        };
+        match SshdProcess::spawn(spec) {
+            Ok(p) => {
+                pod.ssh = Ssh::Up(p);
+                pod.sessions_possible = true;
+                Ok(())
+            }
+            Err(e) => {
+                // Still tell the truth: a mapping the pod had stays, nothing accepts on it.
+                if had_port {
+                    if let Ok(hold) = PortHold::bind(port) {
+                        pod.ssh = Ssh::Down(hold);
+                    }
+                }
+                Err(e)
             }
         }
     }
@@ -298,6 +444,7 @@ impl World {
             return false;
         }
         Self::stop_pod(pod, &mut self.stock);
+        Self::reset_home(pod);
         true
     }
 
@@ -310,15 +457,40 @@ impl World {
         }
     }
 
+    /// → EXITED: GPUs released, the container's processes ended (its home is left to the
+    /// caller: reset on stop, removed on terminate).
     fn stop_pod(pod: &mut PodRecord, stock: &mut BTreeMap<String, u32>) {
         if pod.holds_gpus() {
             *stock.entry(pod.gpu_type.clone()).or_insert(0) += pod.gpu_count;
         }
-        if let Some(mut s) = pod.sshd.take() {
-            s.kill();
-        }
+        Self::end_container(pod);
         pod.status = PodState::Exited;
         pod.started_at = None;
+    }
+
+    /// Ends everything the pod's container runs: its sshd with every connection, and every
+    /// process of its sessions (found by [`sshd::POD_MARKER_VAR`]).
+    fn end_container(pod: &mut PodRecord) {
+        match std::mem::take(&mut pod.ssh) {
+            Ssh::Up(mut s) => s.kill_with_connections(),
+            Ssh::Down(h) => drop(h),
+            Ssh::None => {}
+        }
+        if pod.sessions_possible {
+            if let Some(home) = &pod.home {
+                sshd::kill_pod_processes(home);
+            }
+            pod.sessions_possible = false;
+        }
+    }
+
+    /// The container disk is volatile: a new container starts with a fresh home.
+    fn reset_home(pod: &PodRecord) {
+        if let Some(home) = &pod.home {
+            if let Err(e) = home::reset(home, &pod.id, &pod.gpus) {
+                tracing::warn!(pod = %pod.id, error = %e, "emulator: resetting the pod's home failed");
+            }
+        }
     }
 
     fn new_id(&mut self) -> String {
@@ -390,12 +562,39 @@ impl World {
                 bid
             }
         };
+        if let Some((name, _)) = req
+            .env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
+        {
+            return Err(Problem::new(
+                400,
+                "Bad Request",
+                format!(
+                    "env variable {name:?} cannot be set in a container: names must be \
+                     non-empty without '=' or NUL, values without NUL"
+                ),
+            ));
+        }
         let free = self.stock.get(&gpu.id).copied().unwrap_or(0);
         if self.faults.capacity_exhausted.contains(&gpu.id) || free < req.gpu_count {
             return Err(Problem::new(400, "Bad Request", NO_CAPACITY));
         }
-        self.stock.insert(gpu.id.clone(), free - req.gpu_count);
         let id = self.new_id();
+        let gpus = Gpus::new(&id, &gpu.id, req.gpu_count, gpu.memory_gb);
+        let home = self.work_dir.join("pods").join(&id);
+        if let Err(e) = home::provision(&home, &id, &gpus) {
+            let _ = home::remove(&home);
+            return Err(Problem::new(
+                500,
+                "Internal Server Error",
+                format!(
+                    "the emulator could not create the pod's home {}: {e}",
+                    home.display()
+                ),
+            ));
+        }
+        self.stock.insert(gpu.id.clone(), free - req.gpu_count);
         let now = self.clock.now();
         // `startSsh` only injects the account's keys as PUBLIC_KEY (unless the request already
         // sets one); with no keys registered it does nothing.
@@ -442,8 +641,12 @@ impl World {
             accrued: 0.0,
             last_accrual: now,
             never_ready: self.faults.never_ready,
+            ssh_unreachable: self.faults.ssh_unreachable,
             keys,
-            sshd: None,
+            ssh: Ssh::None,
+            home: Some(home),
+            gpus,
+            sessions_possible: false,
         };
         self.pods.insert(id.clone(), pod);
         self.order.push(id.clone());
@@ -509,6 +712,11 @@ impl World {
             return Err(Problem::not_found(id));
         };
         Self::stop_pod(pod, stock);
+        if let Some(home) = pod.home.take() {
+            if let Err(e) = home::remove(&home) {
+                tracing::warn!(pod = id, error = %e, "emulator: removing the pod's home failed");
+            }
+        }
         pod.status = PodState::Terminated;
         pod.terminated_at = Some(now);
         Ok(())
@@ -519,6 +727,7 @@ impl World {
         let now = self.clock.now();
         let resume_refused = self.faults.resume_refused;
         let never_ready = self.faults.never_ready;
+        let ssh_unreachable = self.faults.ssh_unreachable;
         let Some(status) = self.live(id).map(|p| p.status.clone()) else {
             return Err(Problem::not_found(id));
         };
@@ -534,6 +743,7 @@ impl World {
                 let stock = &mut self.stock;
                 if let Some(pod) = self.pods.get_mut(id) {
                     Self::stop_pod(pod, stock);
+                    Self::reset_home(pod);
                 }
             }
             "start" => {
@@ -550,14 +760,15 @@ impl World {
                     pod.status = PodState::Provisioning;
                     pod.boot_at = now;
                     pod.never_ready = never_ready;
+                    pod.ssh_unreachable = ssh_unreachable;
                 }
                 self.advance();
             }
             "restart" => {
                 if let Some(pod) = self.pods.get_mut(id) {
-                    if let Some(mut s) = pod.sshd.take() {
-                        s.kill();
-                    }
+                    // A new container: processes ended, a fresh home.
+                    Self::end_container(pod);
+                    Self::reset_home(pod);
                     pod.status = PodState::Starting;
                     pod.boot_at = now.minus(self.config.boot_delay / 2);
                     pod.started_at = None;
@@ -730,12 +941,23 @@ impl World {
             .started_at
             .map(|t| now.saturating_since(t).as_secs())
             .unwrap_or(0);
-        let runtime = match (&p.sshd, running) {
-            (Some(s), true) => json!({"uptimeInSeconds": uptime, "ports": [{
-                "ip": "127.0.0.1", "isIpPublic": true, "privatePort": 22,
-                "publicPort": s.port, "type": "tcp"}]}),
-            (None, true) if !p.never_ready => json!({"uptimeInSeconds": uptime, "ports": []}),
-            _ => Value::Null,
+        let runtime = if running && !p.never_ready {
+            let util = utilization(p);
+            let gpus: Vec<Value> = (0..p.gpu_count)
+                .map(|i| json!({"id": p.gpus.uuid(i), "gpuUtilPercent": util, "memoryUtilPercent": 0}))
+                .collect();
+            let ports: Vec<Value> = p
+                .ssh
+                .port()
+                .map(|port| {
+                    json!({"ip": "127.0.0.1", "isIpPublic": true, "privatePort": 22,
+                           "publicPort": port, "type": "tcp"})
+                })
+                .into_iter()
+                .collect();
+            json!({"uptimeInSeconds": uptime, "gpus": gpus, "ports": ports})
+        } else {
+            Value::Null
         };
         let desired = match p.status {
             PodState::Exited | PodState::Error => "EXITED",
@@ -749,7 +971,7 @@ impl World {
         json!({
             "id": p.id, "name": p.name, "imageName": p.image,
             "env": p.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-            "gpuCount": p.gpu_count, "vcpuCount": 8 * p.gpu_count, "memoryInGb": 62 * p.gpu_count,
+            "gpuCount": p.gpu_count, "vcpuCount": VCPUS_PER_GPU * p.gpu_count, "memoryInGb": 62 * p.gpu_count,
             "containerDiskInGb": p.disk, "volumeInGb": p.volume_gb, "volumeMountPath": "/workspace",
             "costPerHr": p.rate(), "adjustedCostPerHr": p.rate(), "desiredStatus": desired,
             "lastStatusChange": format!("{}: {}", p.status.as_str(), fmt_time(p.boot_at)),
@@ -757,7 +979,7 @@ impl World {
             "podType": if p.bid.is_some() { "INTERRUPTABLE" } else { "RESERVED" },
             "port": null, "ports": p.ports.join(","), "uptimeSeconds": uptime, "locked": false,
             "runtime": runtime,
-            "machine": {"podHostId": format!("{}-64410a6e", p.id), "gpuDisplayName": gpu_name},
+            "machine": {"podHostId": pod_host_id(&p.id), "gpuDisplayName": gpu_name},
         })
     }
 
@@ -802,53 +1024,138 @@ impl World {
         self.order
             .iter()
             .filter_map(|id| self.pods.get(id))
-            .map(|p| AdminPod {
-                id: p.id.clone(),
-                name: p.name.clone(),
-                status: p.status.to_string(),
-                gpu_type: p.gpu_type.clone(),
-                gpu_count: p.gpu_count,
-                bid_per_gpu: p.bid,
-                cost_accrued: p.accrued,
-                usd_per_hour: p.rate(),
-                sshd_pid: p.sshd.as_ref().map(|s| s.pid()),
-                ssh_port: p.sshd.as_ref().map(|s| s.port),
-                created_at: p.created_at,
-                terminated_at: p.terminated_at,
-                price_per_hour: p.price * f64::from(p.gpu_count),
-            })
+            .map(admin_pod)
             .collect()
     }
 
-    /// Kills every sshd (shutdown).
+    /// A live pod for an admin change: 404 when unknown, 409 when terminated.
+    fn admin_target(&self, id: &str) -> Result<&PodRecord, Problem> {
+        match self.pods.get(id) {
+            None => Err(Problem::not_found(id)),
+            Some(p) if p.status == PodState::Terminated => Err(Problem::new(
+                409,
+                "Conflict",
+                format!("pod {id} is TERMINATED: it has no sshd or home any more"),
+            )),
+            Some(p) => Ok(p),
+        }
+    }
+
+    /// `POST /admin/pods/{id}/ssh`: the pod's sshd up (accepting, on its port when free) or
+    /// down (its mapping still reported, connections refused).
+    pub(super) fn set_ssh(&mut self, id: &str, up: bool) -> Result<AdminPod, Problem> {
+        let pod = self.admin_target(id)?;
+        let refuse = |why: String| Err(Problem::new(409, "Conflict", why));
+        if pod.status != PodState::Running {
+            return refuse(format!(
+                "pod {id} is {}: SSH can be switched only on a RUNNING pod",
+                pod.status
+            ));
+        }
+        if self.ssh_ctx().is_none() {
+            return refuse("the emulator runs no sshd (sshd = false in its config)".into());
+        }
+        if pod.never_ready {
+            return refuse(format!(
+                "pod {id} started under faults.never_ready: it has no SSH mapping to switch"
+            ));
+        }
+        if !pod.ssh_capable {
+            return refuse(format!(
+                "pod {id} runs no sshd: it needs PUBLIC_KEY in its env (or startSsh with \
+                 account SSH keys) and 22/tcp in its ports"
+            ));
+        }
+        if let Err(e) = self.switch_ssh(id, up) {
+            return Err(Problem::new(
+                500,
+                "Internal Server Error",
+                format!(
+                    "switching the sshd of pod {id} {} failed: {e}",
+                    if up { "up" } else { "down" }
+                ),
+            ));
+        }
+        if let Some(pod) = self.pods.get_mut(id) {
+            // Brought up by hand, it stays up through restarts.
+            pod.ssh_unreachable &= !up;
+        }
+        self.admin_target(id).map(admin_pod)
+    }
+
+    /// `PUT /admin/pods/{id}/utilization`: what the pod's `nvidia-smi` reports from now on.
+    pub(super) fn set_utilization(&mut self, id: &str, percent: u8) -> Result<AdminPod, Problem> {
+        let pod = self.admin_target(id)?;
+        let Some(home) = &pod.home else {
+            return Err(Problem::new(
+                409,
+                "Conflict",
+                format!("pod {id} has no home any more"),
+            ));
+        };
+        if let Err(e) = home::write_utilization(home, percent) {
+            return Err(Problem::new(
+                500,
+                "Internal Server Error",
+                format!(
+                    "writing {} of pod {id} failed: {e}",
+                    home.join(home::UTILIZATION_FILE).display()
+                ),
+            ));
+        }
+        Ok(admin_pod(pod))
+    }
+
+    /// Shutdown: every sshd and every process of the pods' sessions killed, every pod's home
+    /// removed.
     pub(super) fn kill_all(&mut self) {
+        let mut sessions = false;
         for pod in self.pods.values_mut() {
-            if let Some(mut s) = pod.sshd.take() {
-                s.kill();
+            match std::mem::take(&mut pod.ssh) {
+                Ssh::Up(mut s) => s.kill_with_connections(),
+                Ssh::Down(h) => drop(h),
+                Ssh::None => {}
             }
+            sessions |= std::mem::take(&mut pod.sessions_possible);
+            pod.home = None;
+        }
+        let pods_dir = self.work_dir.join("pods");
+        if sessions {
+            sshd::kill_pod_processes(&pods_dir);
+        }
+        if let Err(e) = home::remove(&pods_dir) {
+            tracing::warn!(error = %e, "emulator: removing the pods' homes failed");
         }
     }
 
     fn render(&self, p: &PodRecord) -> Value {
         let now = self.clock.now();
         let running = p.status == PodState::Running;
-        let (direct, runtime) = match (&p.sshd, running) {
-            (Some(s), true) => (
-                json!({"host": "127.0.0.1", "port": s.port, "username": "root",
-                       "command": format!("ssh root@127.0.0.1 -p {}", s.port)}),
-                json!({
-                    "uptime": p.started_at.map(|t| now.saturating_since(t).as_secs()).unwrap_or(0),
-                    "gpus": (0..p.gpu_count).map(|_| json!({"util": 0, "memoryUtil": 0})).collect::<Vec<_>>(),
-                    "ports": [{"private": 22, "public": s.port, "type": "tcp", "ip": "127.0.0.1"}],
-                }),
-            ),
-            // sshd disabled by config (benchmarks): RUNNING with a runtime but no SSH mapping.
-            (None, true) if !self.config.sshd && !p.never_ready => (
-                Value::Null,
-                json!({"uptime": p.started_at.map(|t| now.saturating_since(t).as_secs()).unwrap_or(0),
-                       "gpus": [], "ports": []}),
-            ),
-            _ => (Value::Null, Value::Null),
+        // RUNNING with a runtime (RunPod's readiness trap aside: never_ready); the SSH
+        // mapping whenever a port is mapped, accepting or not.
+        let (direct, runtime) = if running && !p.never_ready {
+            let util = utilization(p);
+            let gpus: Vec<Value> = (0..p.gpu_count)
+                .map(|_| json!({"util": util, "memoryUtil": 0}))
+                .collect();
+            let uptime = p
+                .started_at
+                .map(|t| now.saturating_since(t).as_secs())
+                .unwrap_or(0);
+            match p.ssh.port() {
+                Some(port) => (
+                    json!({"host": "127.0.0.1", "port": port, "username": "root",
+                           "command": format!("ssh root@127.0.0.1 -p {port}")}),
+                    json!({"uptime": uptime, "gpus": gpus,
+                           "ports": [{"private": 22, "public": port, "type": "tcp", "ip": "127.0.0.1"}]}),
+                ),
+                None => (
+                    Value::Null,
+                    json!({"uptime": uptime, "gpus": gpus, "ports": []}),
+                ),
+            }
+        } else {
+            (Value::Null, Value::Null)
         };
         json!({
             "id": p.id, "name": p.name, "image": p.image, "args": "", "disk": p.disk,
@@ -871,6 +1178,65 @@ impl Drop for World {
         self.kill_all();
         let _ = std::fs::remove_dir_all(&self.work_dir);
     }
+}
+
+/// The pod's GPU utilization as its `nvidia-smi` reports it (0 when unreadable: the API's
+/// telemetry has nothing better).
+fn utilization(p: &PodRecord) -> u8 {
+    p.home
+        .as_deref()
+        .and_then(home::read_utilization)
+        .unwrap_or(0)
+}
+
+/// A pod as `/admin/pods` reports it.
+fn admin_pod(p: &PodRecord) -> AdminPod {
+    AdminPod {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        status: p.status.to_string(),
+        gpu_type: p.gpu_type.clone(),
+        gpu_count: p.gpu_count,
+        bid_per_gpu: p.bid,
+        cost_accrued: p.accrued,
+        usd_per_hour: p.rate(),
+        sshd_pid: match &p.ssh {
+            Ssh::Up(s) => Some(s.pid()),
+            _ => None,
+        },
+        ssh_port: p.ssh.port(),
+        pod_dir: p.home.as_ref().map(|h| h.to_string_lossy().into_owned()),
+        gpu_utilization: p.home.as_deref().and_then(home::read_utilization),
+        created_at: p.created_at,
+        terminated_at: p.terminated_at,
+        price_per_hour: p.price * f64::from(p.gpu_count),
+    }
+}
+
+/// The environment of the pod's SSH sessions: the pod's own (its create request), then what
+/// RunPod sets in every pod (its docs' list, as far as it applies here). Not set:
+/// `RUNPOD_API_KEY` (a pod-scoped key the emulator does not have; handing out an account key
+/// would leak it), `RUNPOD_VOLUME_ID` (no network volumes), `CUDA_VERSION` and
+/// `PYTORCH_VERSION` (the image's, not RunPod's), `RUNPOD_ALLOW_IP` (set by the user).
+fn session_env(p: &PodRecord, ssh_port: u16) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> =
+        p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    env.extend(
+        [
+            ("RUNPOD_POD_ID", p.id.clone()),
+            ("RUNPOD_POD_HOSTNAME", pod_host_id(&p.id)),
+            ("RUNPOD_GPU_COUNT", p.gpu_count.to_string()),
+            (
+                "RUNPOD_CPU_COUNT",
+                (VCPUS_PER_GPU * p.gpu_count).to_string(),
+            ),
+            ("RUNPOD_PUBLIC_IP", "127.0.0.1".to_owned()),
+            ("RUNPOD_TCP_PORT_22", ssh_port.to_string()),
+            ("RUNPOD_DC_ID", p.data_center_id.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    env
 }
 
 /// Stock level: 0 → NONE, 1–2 LOW, 3–7 MEDIUM, 8+ HIGH (a full 8-GPU host).
