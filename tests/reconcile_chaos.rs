@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
@@ -36,6 +37,8 @@ const BUSY_STEPS: usize = 24;
 /// Most steps allowed for everything to be gone after demand drops to zero (longer than the
 /// orphan grace, the idle timeout, the drain and every backoff).
 const DRAIN_STEPS: usize = 200;
+/// Runs in flight at once (each is mostly waiting on loopback I/O).
+const CONCURRENT_RUNS: usize = 4;
 
 /// Where the next crash happens: the `at`-th provider call of the armed tick, before it is sent
 /// or after its answer arrived.
@@ -140,7 +143,7 @@ fn scenario(seed: u64) -> Scenario {
     // Real sshd pods cost process spawns: a tenth of the runs, enough to exercise joins,
     // probes, drains and SSH failures under the same faults.
     let sshd = chance(0.1);
-    let _ssh_down = sshd && chance(0.5);
+    let ssh_down = sshd && chance(0.5);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let faults = Faults {
         rate_limit_rate: if rate_limit {
@@ -167,6 +170,7 @@ fn scenario(seed: u64) -> Scenario {
         capacity_exhausted: if sold_out { vec![A5000.into()] } else { vec![] },
         never_ready,
         preempt_spot_after: preempt.then(|| Duration::from_secs(rng.random_range(30..150))),
+        ssh_unreachable: ssh_down,
         ..Faults::default()
     };
     let max_pods = rng.random_range(1..6);
@@ -279,7 +283,6 @@ async fn run(seed: u64) -> Result<(), String> {
         offers: offers(s.spot),
         seed,
         sshd: s.sshd,
-        health_command: "printf 'NVIDIA RTX A5000, 24564, 0\\n'".into(),
         wrap: Some(Box::new(move |client| {
             Arc::new(Crashing {
                 inner: client,
@@ -342,14 +345,28 @@ async fn seeded_chaos_never_exceeds_limits_never_doubles_a_slot_and_leaves_nothi
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x7e57_c4a0);
     let started = std::time::Instant::now();
+    // A few runs at a time: each waits on loopback HTTP and sshd much of the time.
+    let results: Vec<(u64, Result<(), String>)> = futures_util::stream::iter(0..runs)
+        .map(|i| {
+            let seed = base.wrapping_add(i);
+            async move {
+                let r = tokio::spawn(run(seed))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the run panicked: {e}")));
+                (seed, r)
+            }
+        })
+        .buffer_unordered(CONCURRENT_RUNS)
+        .collect()
+        .await;
     let mut failures = Vec::new();
-    for i in 0..runs {
-        let seed = base.wrapping_add(i);
-        if let Err(e) = run(seed).await {
+    for (seed, r) in results {
+        if let Err(e) = r {
             eprintln!("chaos run failed: RPA_CHAOS_SEED={seed} RPA_CHAOS_RUNS=1: {e}");
             failures.push(seed);
         }
     }
+    failures.sort_unstable();
     eprintln!(
         "{runs} chaos runs in {:.1}s ({:.0} runs/min)",
         started.elapsed().as_secs_f64(),

@@ -12,23 +12,22 @@ use support::fleet::{Fleet, FleetConfig};
 
 const TICK: Duration = Duration::from_secs(5);
 
-/// A health command answering like `nvidia-smi` for one A5000 at the utilization in `file`.
-fn fake_gpu(file: &std::path::Path) -> String {
-    format!(
-        "printf 'NVIDIA RTX A5000, 24564, %s\\n' \"$(cat {} 2>/dev/null || echo 0)\"",
-        file.display()
-    )
+/// Sets the GPU utilization every pod's `nvidia-smi` reports (as a busy worker would).
+fn set_utilization(f: &Fleet, percent: u8) {
+    for p in f.alive() {
+        if let Some(dir) = &p.pod_dir {
+            std::fs::write(
+                std::path::Path::new(dir).join(".gpu_utilization"),
+                percent.to_string(),
+            )
+            .unwrap();
+        }
+    }
 }
 
 #[tokio::test]
 async fn a_lag_spike_buys_joins_then_drains_and_terminates() {
-    let util = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(util.path(), "80").unwrap();
-    let mut f = Fleet::start(FleetConfig {
-        health_command: fake_gpu(util.path()),
-        ..FleetConfig::default()
-    })
-    .await;
+    let mut f = Fleet::start(FleetConfig::default()).await;
 
     // Nothing happens without work.
     let report = f.step(TICK).await;
@@ -58,13 +57,34 @@ async fn a_lag_spike_buys_joins_then_drains_and_terminates() {
         .iter()
         .all(|e| e.join == Some(JoinState::Joined)));
     assert!(f.reconciler.claims().all(|c| c.joined));
+    // The workers are busy on the backlog.
+    set_utilization(&f, 90);
+    // Bootstrapped, as seen on each pod: the worker command ran once, the marker is there.
+    for p in f.alive() {
+        let home = std::path::PathBuf::from(p.pod_dir.clone().expect("a running pod has a home"));
+        assert_eq!(
+            std::fs::read_to_string(home.join("worker-started")).unwrap_or_default(),
+            "working\n",
+            "{}",
+            p.name
+        );
+        assert!(home.join(".runpod-autoscaler/bootstrap.done").exists());
+    }
     // No more launches while the demand is met.
     assert_eq!(f.step(TICK).await.plan.launches(), 0);
     assert_eq!(f.alive().len(), 3);
 
-    // The backlog is consumed and the GPUs go idle: after the idle window, drained and gone.
+    // The backlog is consumed, but the GPUs are still busy finishing: nothing is removed.
     f.lag = 0.0;
-    std::fs::write(util.path(), "0").unwrap();
+    set_utilization(&f, 90);
+    for _ in 0..30 {
+        let r = f.step(TICK).await;
+        assert_eq!(r.plan.terminations(), 0, "busy pods are kept\n{}", r.plan);
+        set_utilization(&f, 90);
+    }
+    assert_eq!(f.alive().len(), 3);
+    // Idle now: after the idle window, drained and gone.
+    set_utilization(&f, 0);
     f.until("every pod terminated", TICK, 60, |f, _| {
         f.alive().is_empty() && f.reconciler.claims().count() == 0
     })

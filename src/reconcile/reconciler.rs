@@ -894,6 +894,8 @@ impl Reconciler {
                         rt.backoff.reset();
                         rt.health.ok(now, 0.0);
                         rt.health.last_probe = Some(now);
+                        // Idleness counts from here: it could not work before it joined.
+                        rt.last_busy_at = Some(now);
                         if let Some(t) = rt.join_started {
                             self.ctx
                                 .metrics

@@ -56,7 +56,7 @@ pub struct FleetConfig {
     /// Run a real sshd per pod (off: pods never become reachable, for fast money-only runs).
     pub sshd: bool,
     /// Wraps the RunPod client (fault injection around the real client).
-    pub wrap: Option<Box<dyn FnOnce(Arc<RunPodClient>) -> Arc<dyn CloudProvider>>>,
+    pub wrap: Option<Box<dyn FnOnce(Arc<RunPodClient>) -> Arc<dyn CloudProvider> + Send>>,
 }
 
 /// The reference policy of these tests: up to 4 one-GPU A5000 pods, $2/h, 100 lag per GPU, no
