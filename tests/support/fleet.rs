@@ -37,6 +37,9 @@ impl Sleeper for ClockSleeper {
     }
 }
 
+/// Turns the real client into the provider the reconciler uses (fault injection around it).
+pub type WrapProvider = Box<dyn FnOnce(Arc<RunPodClient>) -> Arc<dyn CloudProvider> + Send>;
+
 /// Knobs of a harness.
 pub struct FleetConfig {
     /// Emulator faults at start.
@@ -56,7 +59,7 @@ pub struct FleetConfig {
     /// Run a real sshd per pod (off: pods never become reachable, for fast money-only runs).
     pub sshd: bool,
     /// Wraps the RunPod client (fault injection around the real client).
-    pub wrap: Option<Box<dyn FnOnce(Arc<RunPodClient>) -> Arc<dyn CloudProvider> + Send>>,
+    pub wrap: Option<WrapProvider>,
 }
 
 /// The reference policy of these tests: up to 4 one-GPU A5000 pods, $2/h, 100 lag per GPU, no
