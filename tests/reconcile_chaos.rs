@@ -25,11 +25,11 @@ use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
 
 use runpod_autoscaler::decide::offers::OfferSpec;
-use runpod_autoscaler::emulator::{AdminPod, Faults};
-use runpod_autoscaler::model::{Cloud, GpuTypeId, PodId, Timestamp, Usd};
+use runpod_autoscaler::emulator::Faults;
+use runpod_autoscaler::model::{Cloud, GpuTypeId, PodId, Usd};
 use runpod_autoscaler::provider::runpod::RunPodClient;
 use runpod_autoscaler::provider::{CloudProvider, LaunchSpec, Offering, Pod, ProviderError};
-use support::fleet::{policy, Fleet, FleetConfig, A5000};
+use support::fleet::{check_history, policy, Fleet, FleetConfig, A5000};
 
 const STEP: Duration = Duration::from_secs(5);
 /// Steps with demand (a few minutes of simulated time).
@@ -220,52 +220,6 @@ fn offers(spot: bool) -> Vec<OfferSpec> {
             throughput: 1.0,
         },
     ]
-}
-
-/// Checks the money and slot invariants over the whole history; `Err` says which and when.
-fn check_history(
-    pods: &[AdminPod],
-    max_pods: u32,
-    max_usd: f64,
-    prefix: &str,
-) -> Result<(), String> {
-    // Every instant something changes is a creation; the peak is at one of them.
-    let alive_at = |t: Timestamp| {
-        pods.iter()
-            .filter(move |p| p.created_at <= t && p.terminated_at.is_none_or(|e| e > t))
-    };
-    for p in pods {
-        let t = p.created_at;
-        let alive: Vec<&AdminPod> = alive_at(t).collect();
-        if alive.len() as u32 > max_pods {
-            return Err(format!(
-                "{} pods alive at {t} (max_pods {max_pods}): {:?}",
-                alive.len(),
-                alive.iter().map(|p| &p.name).collect::<Vec<_>>()
-            ));
-        }
-        let spend: f64 = alive.iter().map(|p| p.price_per_hour).sum();
-        if spend > max_usd + 1e-6 {
-            return Err(format!("${spend:.2}/h alive at {t} (max ${max_usd:.2}/h)"));
-        }
-        let mut slots = std::collections::BTreeMap::new();
-        for a in &alive {
-            let slot = a
-                .name
-                .strip_prefix(prefix)
-                .and_then(|rest| rest.split('-').next())
-                .map(str::to_owned);
-            if let Some(slot) = slot {
-                if let Some(other) = slots.insert(slot.clone(), &a.name) {
-                    return Err(format!(
-                        "two live pods for slot {slot} at {t}: {other} and {}",
-                        a.name
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn run(seed: u64) -> Result<(), String> {

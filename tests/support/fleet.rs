@@ -320,3 +320,49 @@ impl Sleeper for RecordingSleeper {
         Box::pin(async {})
     }
 }
+
+/// Checks the money and slot invariants over the whole history; `Err` says which and when.
+pub fn check_history(
+    pods: &[AdminPod],
+    max_pods: u32,
+    max_usd: f64,
+    prefix: &str,
+) -> Result<(), String> {
+    // Every instant something changes is a creation; the peak is at one of them.
+    let alive_at = |t: Timestamp| {
+        pods.iter()
+            .filter(move |p| p.created_at <= t && p.terminated_at.is_none_or(|e| e > t))
+    };
+    for p in pods {
+        let t = p.created_at;
+        let alive: Vec<&AdminPod> = alive_at(t).collect();
+        if alive.len() as u32 > max_pods {
+            return Err(format!(
+                "{} pods alive at {t} (max_pods {max_pods}): {:?}",
+                alive.len(),
+                alive.iter().map(|p| &p.name).collect::<Vec<_>>()
+            ));
+        }
+        let spend: f64 = alive.iter().map(|p| p.price_per_hour).sum();
+        if spend > max_usd + 1e-6 {
+            return Err(format!("${spend:.2}/h alive at {t} (max ${max_usd:.2}/h)"));
+        }
+        let mut slots = std::collections::BTreeMap::new();
+        for a in &alive {
+            let slot = a
+                .name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('-').next())
+                .map(str::to_owned);
+            if let Some(slot) = slot {
+                if let Some(other) = slots.insert(slot.clone(), &a.name) {
+                    return Err(format!(
+                        "two live pods for slot {slot} at {t}: {other} and {}",
+                        a.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
