@@ -11,9 +11,10 @@ ensure_rust
 ensure_build_deps
 ensure_tansu
 ensure_prometheus
+ensure_sshd
 
 log "building"
-cargo build --locked --quiet --bin runpod-autoscaler --example demo_seed
+cargo build --locked --quiet --bin runpod-autoscaler --example demo_seed --example gpu_worker
 BIN="$ROOT/target/debug/runpod-autoscaler"
 "$BIN" check-config examples/local.toml
 
@@ -133,13 +134,80 @@ create_pod() {
     -H 'Content-Type: application/json' \
     -d "{\"name\":\"$1\",\"image\":\"gpu-worker:1\",\"gpu\":{\"id\":\"NVIDIA RTX A5000\",\"count\":1},\"ports\":[\"22/tcp\"],\"env\":{\"RPA_OWNER\":\"$2\"}}" >/dev/null
 }
-create_pod rpa-demo-0 runpod-autoscaler
+create_pod rpa-manual-0 runpod-autoscaler
 create_pod someone-elses-pod other-team
 log "pods list shows only the pods this autoscaler owns"
 "$BIN" pods list
 "$BIN" pods terminate --all-owned --yes
 log "a rejected key fails fast with a clear message"
 RUNPOD_API_KEY=not-the-key "$BIN" gpus || true
+
+log "ACTIVE MODE: the autoscaler buys, bootstraps, health-checks, drains and terminates pods"
+# A backlog on its own topic: 200 jobs on 4 partitions, nothing done yet by group burst-workers.
+./target/debug/examples/demo_seed "127.0.0.1:$KAFKA_PORT" burst-jobs 4 200 burst-workers 0
+ssh-keygen -q -t ed25519 -N '' -C rpa-demo -f "$WORK/id_ed25519"
+mkfifo "$WORK/active"
+RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+RUNPOD_AUTOSCALER__SIGNALS__QUEUE__TOPICS='["burst-jobs"]' \
+RUNPOD_AUTOSCALER__SIGNALS__QUEUE__CONSUMER_GROUP=burst-workers \
+RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state" \
+RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
+RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="exec $ROOT/target/debug/examples/gpu_worker" \
+  "$BIN" serve --config examples/emulator.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+  >"$WORK/active" 2>"$WORK/active.log" &
+ACTIVE=$!
+PIDS+=($ACTIVE)
+exec 5<"$WORK/active"
+read -r -t 30 ACTIVE_LINE <&5 || { cat "$WORK/active.log" >&2; exit 1; }
+AHTTP=$(printf '%s' "$ACTIVE_LINE" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+log "watching the fleet (/debug/plan) while the 200 jobs are worked off (each pod runs examples/gpu_worker)"
+AHTTP="$AHTTP" RUNPOD_API_URL="$RUNPOD_API_URL" python3 - <<'PY'
+import json, os, sys, time, urllib.request
+http, api = os.environ["AHTTP"], os.environ["RUNPOD_API_URL"]
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+seen, bought, last_line, deadline = {}, set(), None, time.time() + 180
+while time.time() < deadline:
+    try:
+        plan = get(f"http://{http}/debug/plan")
+    except Exception:
+        time.sleep(0.5)
+        continue
+    lag = next((s["value"] for s in plan["signals"] if s["signal"] == "queue_lag"), None)
+    fleet = plan["fleet"]
+    for e in fleet:
+        pod = e["pod"] or "claim %s-%s" % (e["claim"]["slot"], e["claim"]["generation"])
+        if e["pod"]:
+            bought.add(e["pod"])
+        join = (e.get("join") or {}).get("state", "-")
+        retiring = (e.get("retiring") or {}).get("phase", {}).get("phase") if e.get("retiring") else None
+        busy = (e.get("utilization") or 0) >= 10
+        state = (e["state"], join, "ready" if e["ready"] else "", retiring or "", busy)
+        if seen.get(pod) != state:
+            seen[pod] = state
+            util = e.get("utilization")
+            print(f"  {time.strftime('%H:%M:%S')} {pod:<16} {e['state']:<12} join={join:<13} "
+                  f"{'READY' if e['ready'] else '     '} util={util if util is not None else '-':<4} "
+                  f"{'retiring: ' + retiring if retiring else ''}", flush=True)
+    line = f"  {time.strftime('%H:%M:%S')} lag {lag}, pods {len(fleet)}, served {plan['plan']['served_gpus']} GPUs"
+    if line.split(' ', 3)[-1] != (last_line or '').split(' ', 3)[-1]:
+        print(line, flush=True)
+        last_line = line
+    if bought and not fleet and lag == 0:
+        break
+    time.sleep(1)
+pods = get(f"{api}/admin/pods")["pods"]
+ours = [p for p in pods if p["name"].startswith("rpa-demo-")]
+alive = [p for p in ours if p["status"] != "TERMINATED"]
+print(f"  emulator: {len(ours)} pods of ours created, {len(alive)} alive, "
+      f"${sum(p['costAccrued'] for p in ours):.4f} spent")
+sys.exit(0 if bought and not alive else 1)
+PY
+log "the active service's metrics (launches, terminations, joins, spend)"
+curl -fsS "http://$AHTTP/metrics" | grep -E '^runpod_autoscaler_(launches_total|terminations_total|join_seconds_count|spend_usd_total|claims_open|pods\{)' || true
+kill -TERM "$ACTIVE"
+wait "$ACTIVE"
 
 log "policies side by side on the shipped traces"
 "$BIN" simulate --policy all \

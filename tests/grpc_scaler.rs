@@ -163,6 +163,49 @@ async fn accepted_connections_have_tcp_nodelay() {
 }
 
 #[tokio::test]
+async fn scope_serves_the_baseline_share_or_the_burst() {
+    let server = start(None).await;
+    // 5 GPU workers of work, 2 of them on the baseline.
+    server.snapshots.send_replace(snapshot_with(5));
+    let mut c = client(server.addr).await;
+    for (scope, want, active) in [
+        ("total", 5, true),
+        ("baseline", 2, true),
+        ("burst", 3, true),
+    ] {
+        let o = object(&[("scope", scope)]);
+        let m = c
+            .get_metrics(metrics_request(&o))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(m.metric_values[0].metric_value, want, "{scope}");
+        assert_eq!(
+            c.is_active(o).await.unwrap().into_inner().result,
+            active,
+            "{scope}"
+        );
+    }
+    // All within the baseline: nothing for the burst, which is then inactive.
+    server.snapshots.send_replace(snapshot_with(1));
+    let burst = object(&[("scope", "burst")]);
+    let m = c
+        .get_metrics(metrics_request(&burst))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.metric_values[0].metric_value, 0);
+    assert!(!c.is_active(burst).await.unwrap().into_inner().result);
+    let err = c
+        .get_metrics(metrics_request(&object(&[("scope", "all")])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("scope"), "{}", err.message());
+    server.shutdown.cancel();
+}
+
+#[tokio::test]
 async fn float_targets_and_thresholds() {
     let server = start(None).await;
     let mut c = client(server.addr).await;

@@ -128,6 +128,34 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
         }
     }
 
+    // Money is a hard limit too: when prices rose above the budget, idle pods go, the most
+    // expensive first (busy ones keep their work; the budget then blocks every launch).
+    let mut spend = view.usd_per_hour().dollars();
+    if spend > policy.max_usd_per_hour.dollars() + Usd::EPSILON {
+        remaining.sort_by(|a, b| {
+            b.usd_per_hour
+                .dollars()
+                .total_cmp(&a.usd_per_hour.dollars())
+        });
+        remaining.retain(|pod| {
+            let over = spend > policy.max_usd_per_hour.dollars() + Usd::EPSILON;
+            let idle = !pod.is_warming(now, policy.warmup_grace)
+                && pod.idle_for(now) >= policy.idle_timeout;
+            if !(over && idle) {
+                return true;
+            }
+            spend -= pod.usd_per_hour.dollars();
+            remaining_gpus -= pod.gpus;
+            plan.steps.push(Step::Terminate {
+                pod: pod.id.clone(),
+                reason: Reason::OverBudget {
+                    max_usd_per_hour: policy.max_usd_per_hour,
+                },
+            });
+            false
+        });
+    }
+
     let mut launched = 0u32;
     if want.runpod_gpus > remaining_gpus {
         launched = launch(

@@ -122,6 +122,11 @@ pub enum Reason {
         /// Its state.
         state: PodState,
     },
+    /// Spend is above `max_usd_per_hour` (prices rose): an idle pod goes, the dearest first.
+    OverBudget {
+        /// The limit.
+        max_usd_per_hour: Usd,
+    },
     /// The pod did not become ready within the boot deadline: counted as failed and replaced.
     BootTimeout {
         /// How long it has existed without becoming ready.
@@ -265,6 +270,12 @@ impl fmt::Display for Reason {
             ),
             Reason::AboveMaximum { max_pods } => write!(f, "above max_pods {max_pods}"),
             Reason::NotServing { state } => write!(f, "pod is {state} and will not serve"),
+            Reason::OverBudget { max_usd_per_hour } => {
+                write!(
+                    f,
+                    "spend above max_usd_per_hour {max_usd_per_hour}/h; idle, dearest first"
+                )
+            }
             Reason::BootTimeout { waited } => write!(
                 f,
                 "not ready after {}: counted as failed",

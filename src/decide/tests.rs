@@ -451,6 +451,53 @@ fn a_pod_never_ready_is_replaced_after_the_boot_deadline() {
 }
 
 #[test]
+fn when_prices_rise_above_the_budget_idle_pods_go_dearest_first() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_usd_per_hour = Usd(2.0);
+    // Four old idle pods whose prices rose: $0.9 + $0.8 + $0.5 + $0.4 = $2.6 > $2.
+    let mut pods = old_running(4);
+    for (pod, price) in pods.iter_mut().zip([0.5, 0.9, 0.4, 0.8]) {
+        pod.usd_per_hour = Usd(price);
+    }
+    // Demand still wants all four: money wins, but only as far as needed.
+    let plan = decide(
+        &view(0, pods.clone()),
+        &signals(400.0, None, STALE),
+        &p,
+        NOW,
+    );
+    let gone: Vec<&str> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Terminate {
+                pod,
+                reason: Reason::OverBudget { .. },
+            } => Some(pod.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        gone,
+        ["p1"],
+        "the $0.9 pod alone brings spend to $1.7\n{plan}"
+    );
+    assert_eq!(plan.launches(), 0, "{plan}");
+    // A busy pod is not taken, however dear: the next idle one is.
+    pods[1].last_busy_at = Some(NOW);
+    let plan = decide(&view(0, pods), &signals(400.0, None, STALE), &p, NOW);
+    let gone: Vec<String> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Terminate { pod, .. } => Some(pod.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gone, ["p3"], "{plan}");
+}
+
+#[test]
 fn budget_limits_launches() {
     let mut p = policy(PolicyKind::Target);
     p.max_usd_per_hour = Usd(1.6);

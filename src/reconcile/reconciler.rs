@@ -1080,6 +1080,12 @@ impl Reconciler {
                 state: match (listed, &c.pod) {
                     (Some(p), _) => p.state.to_string(),
                     (None, None) => "CLAIMED".into(),
+                    // Terminated and no longer listed: only the confirmation is left.
+                    (None, Some(_)) if rt.is_some_and(|r| r.retiring.is_some()) => {
+                        "TERMINATED".into()
+                    }
+                    // Created after the last listing was read.
+                    (None, Some(_)) if c.missing_since.is_none() => "CREATED".into(),
                     (None, Some(_)) => "MISSING".into(),
                 },
                 market: Some(c.market.clone()),

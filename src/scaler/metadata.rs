@@ -8,11 +8,35 @@ use super::ScalerError;
 /// Metric name used when the trigger sets none.
 pub const DEFAULT_METRIC_NAME: &str = "gpu-demand";
 
+/// Which part of the served demand a `gpu-demand` trigger reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// All of it (baseline and RunPod).
+    #[default]
+    Total,
+    /// The part the local baseline covers: min(demand, baseline GPUs). For a ScaledObject
+    /// that scales in-cluster workers while RunPod pods run their own (worker mode).
+    Baseline,
+    /// The rest, beyond the baseline: what RunPod covers.
+    Burst,
+}
+
+impl Scope {
+    /// The share of `served` GPU workers this scope reads, with `baseline` local GPUs.
+    pub fn share(self, served: f64, baseline: f64) -> f64 {
+        match self {
+            Scope::Total => served,
+            Scope::Baseline => served.min(baseline),
+            Scope::Burst => (served - baseline).max(0.0),
+        }
+    }
+}
+
 /// What value a trigger reads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
-    /// GPU workers the planner wants (baseline + RunPod), from the latest snapshot.
-    GpuDemand,
+    /// GPU workers the work needs (the served demand), or the `scope`d part of it.
+    GpuDemand(Scope),
     /// A KEDA-parity trigger (`scaler: kafka` or `scaler: prometheus`), served from the parity
     /// cache.
     Parity(Box<ParitySpec>),
@@ -75,11 +99,23 @@ impl Trigger {
             });
         }
         let activation_threshold = number(metadata, "activationThreshold", 0.0)?;
+        let scope = match metadata.get("scope").map(|s| s.trim()) {
+            None | Some("") | Some("total") => Scope::Total,
+            Some("baseline") => Scope::Baseline,
+            Some("burst") => Scope::Burst,
+            Some(other) => {
+                return Err(ScalerError::InvalidMetadata {
+                    key: "scope",
+                    problem: format!("unknown scope {other:?}"),
+                    fix: "use total (default), baseline or burst".into(),
+                })
+            }
+        };
         Ok(Trigger {
             metric_name,
             target,
             activation_threshold,
-            source: Source::GpuDemand,
+            source: Source::GpuDemand(scope),
         })
     }
 }
@@ -128,7 +164,33 @@ mod tests {
         assert_eq!(t.metric_name, "gpu-demand");
         assert_eq!(t.target, 1.0);
         assert_eq!(t.activation_threshold, 0.0);
-        assert_eq!(t.source, Source::GpuDemand);
+        assert_eq!(t.source, Source::GpuDemand(Scope::Total));
+    }
+
+    #[test]
+    fn scopes_split_the_served_demand_at_the_baseline() {
+        for (name, scope) in [
+            ("total", Scope::Total),
+            ("baseline", Scope::Baseline),
+            ("burst", Scope::Burst),
+        ] {
+            let t = Trigger::parse(&meta(&[("scope", name)])).unwrap();
+            assert_eq!(t.source, Source::GpuDemand(scope));
+        }
+        // (served, baseline) → (total, baseline share, burst share)
+        for (served, baseline, want) in [
+            (10.0, 2.0, (10.0, 2.0, 8.0)),
+            (1.0, 2.0, (1.0, 1.0, 0.0)),
+            (0.0, 2.0, (0.0, 0.0, 0.0)),
+            (5.0, 0.0, (5.0, 0.0, 5.0)),
+        ] {
+            let got = (
+                Scope::Total.share(served, baseline),
+                Scope::Baseline.share(served, baseline),
+                Scope::Burst.share(served, baseline),
+            );
+            assert_eq!(got, want, "served {served}, baseline {baseline}");
+        }
     }
 
     #[test]
@@ -141,6 +203,7 @@ mod tests {
             (vec![("activationThreshold", "-0.5")], "activationThreshold"),
             (vec![("activationThreshold", "inf")], "activationThreshold"),
             (vec![("scaler", "kafkaa")], "scaler"),
+            (vec![("scope", "cluster")], "scope"),
         ] {
             let err = Trigger::parse(&meta(&pairs)).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

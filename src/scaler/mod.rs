@@ -5,7 +5,7 @@
 mod metadata;
 pub mod parity;
 
-pub use metadata::{Source, Trigger, DEFAULT_METRIC_NAME};
+pub use metadata::{Scope, Source, Trigger, DEFAULT_METRIC_NAME};
 pub use parity::{Parity, ParityReading, ParitySpec};
 
 use std::pin::Pin;
@@ -137,9 +137,9 @@ impl ScalerService {
     /// The value and activation of `trigger`: from the snapshot, or the parity cache.
     async fn reading(&self, trigger: &Trigger) -> Result<ParityReading, ScalerError> {
         match &trigger.source {
-            Source::GpuDemand => {
+            Source::GpuDemand(scope) => {
                 let snapshot = self.current().ok_or(ScalerError::NotReady)?;
-                let value = value_of(&snapshot);
+                let value = value_of(&snapshot, *scope);
                 Ok(ParityReading {
                     value,
                     active: value > trigger.activation_threshold,
@@ -168,9 +168,12 @@ impl ScalerService {
     }
 }
 
-/// The `gpu-demand` value of a snapshot: finite and non-negative.
-fn value_of(snapshot: &Snapshot) -> f64 {
-    let v = snapshot.gpu_demand();
+/// The `gpu-demand` value of a snapshot (the `scope`d part): finite and non-negative.
+fn value_of(snapshot: &Snapshot, scope: Scope) -> f64 {
+    let v = scope.share(
+        snapshot.gpu_demand(),
+        f64::from(snapshot.plan.baseline_gpus),
+    );
     if v.is_finite() && v > 0.0 {
         v
     } else {
@@ -226,17 +229,20 @@ impl ExternalScaler for ScalerService {
         };
         // One message in flight is plenty: only transitions are sent.
         let (tx, rx) = mpsc::channel(2);
-        if let Source::Parity(spec) = &trigger.source {
-            let stream = self.parity_stream((**spec).clone());
-            return self.answer("StreamIsActive", Ok(stream));
-        }
+        let scope = match &trigger.source {
+            Source::Parity(spec) => {
+                let stream = self.parity_stream((**spec).clone());
+                return self.answer("StreamIsActive", Ok(stream));
+            }
+            Source::GpuDemand(scope) => *scope,
+        };
         let mut snapshots = self.snapshots.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             // No snapshot yet is "unknown", not "inactive": nothing is sent until a tick ran.
             let active_now = |s: &Option<Arc<Snapshot>>| {
                 s.as_ref()
-                    .map(|s| value_of(s) > trigger.activation_threshold)
+                    .map(|s| value_of(s, scope) > trigger.activation_threshold)
             };
             let mut edges = ActivationEdges::default();
             let mut state = active_now(&snapshots.borrow_and_update());
