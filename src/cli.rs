@@ -8,10 +8,19 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use runpod_autoscaler::clock::{Clock, SystemClock};
-use runpod_autoscaler::config::RunPodConfig;
+use std::sync::Arc;
+
+use runpod_autoscaler::config::{Config, ReconcileConfig, RunPodConfig};
+use runpod_autoscaler::decide::{Sample, Series, Signals};
+use runpod_autoscaler::join::pod::NoShell;
+use runpod_autoscaler::model::SignalKind;
 use runpod_autoscaler::model::{PodId, Usd};
 use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::provider::CloudProvider;
+use runpod_autoscaler::reconcile::claims::{MemoryClaims, RedbClaims};
+use runpod_autoscaler::reconcile::{Context as ReconcileContext, ReconcileSettings, Reconciler};
+use runpod_autoscaler::service;
+use runpod_autoscaler::telemetry::Metrics;
 
 fn client(config: Option<&Path>) -> Result<RunPodClient> {
     let c = RunPodConfig::load_section(config)?;
@@ -55,19 +64,70 @@ pub async fn gpus(config: Option<&Path>, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `pods list`: our pods with state, age, $/h and SSH endpoint.
-pub async fn pods_list(config: Option<&Path>, json: bool) -> Result<()> {
+/// `pods list`: our pods with slot, state, join state, health, age, $/h and SSH endpoint. Slots
+/// and join state come from the claim store (`reconcile.state_dir`, read while the service runs);
+/// health from the running service (`--service`).
+pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool) -> Result<()> {
     let pods = client(config)?.list().await.context("listing pods")?;
+    let claims = match config {
+        Some(path) => {
+            let dir = ReconcileConfig::load_section(path)?.state_dir;
+            if RedbClaims::file(&dir).exists() {
+                RedbClaims::read(&dir).context("reading the claim store (reconcile.state_dir)")?
+            } else {
+                Vec::new()
+            }
+        }
+        None => Vec::new(),
+    };
+    let fleet: Vec<serde_json::Value> = match service {
+        Some(url) => {
+            let url = format!("{}/debug/plan", url.trim_end_matches('/'));
+            let plan: serde_json::Value = reqwest::get(&url)
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("reading {url}"))?
+                .json()
+                .await
+                .with_context(|| format!("reading {url}"))?;
+            plan["fleet"].as_array().cloned().unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    let rows: Vec<PodRow> = pods
+        .iter()
+        .map(|p| {
+            let claim = claims.iter().find(|c| c.pod.as_ref() == Some(&p.id));
+            let entry = fleet
+                .iter()
+                .find(|e| e["pod"].as_str() == Some(p.id.as_str()));
+            PodRow {
+                pod: p.clone(),
+                slot: claim.map(|c| format!("{}-{}", c.key.slot, c.key.generation)),
+                join: claim.map(|c| if c.joined { "joined" } else { "pending" }.to_owned()),
+                health: entry.map(|e| {
+                    if !e["retiring"].is_null() {
+                        "retiring".to_owned()
+                    } else if e["ready"].as_bool() == Some(true) {
+                        "ready".to_owned()
+                    } else {
+                        "not ready".to_owned()
+                    }
+                }),
+            }
+        })
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&pods)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let now = SystemClock.now();
     println!(
-        "{:<16} {:<28} {:<13} {:>8} {:>7} SSH",
-        "ID", "NAME", "STATE", "AGE", "$/H"
+        "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7} SSH",
+        "ID", "NAME", "SLOT", "STATE", "JOIN", "HEALTH", "AGE", "$/H"
     );
-    for p in &pods {
+    for r in &rows {
+        let p = &r.pod;
         let age = p
             .created_at
             .map(|t| {
@@ -83,14 +143,119 @@ pub async fn pods_list(config: Option<&Path>, json: bool) -> Result<()> {
             .map(|s| format!("{}@{}:{}", s.username, s.host, s.port))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:<28} {:<13} {:>8} {:>7.2} {}",
+            "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7.2} {}",
             p.id.as_str(),
             p.name,
+            r.slot.as_deref().unwrap_or("-"),
             p.state.as_str(),
+            r.join.as_deref().unwrap_or("-"),
+            r.health.as_deref().unwrap_or("-"),
             age,
             p.usd_per_hour.dollars(),
             ssh
         );
+    }
+    Ok(())
+}
+
+/// One line of `pods list`.
+#[derive(serde::Serialize)]
+struct PodRow {
+    #[serde(flatten)]
+    pod: runpod_autoscaler::provider::Pod,
+    /// `slot-generation` of its claim.
+    slot: Option<String>,
+    /// `joined` or `pending`, from its claim.
+    join: Option<String>,
+    /// `ready`, `not ready` or `retiring`, from the running service.
+    health: Option<String>,
+}
+
+/// `plan`: one observation of RunPod, the claims and the signals, and the plan a tick would
+/// carry out now. Nothing is executed and the claim store is only read.
+pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
+    let config =
+        Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
+    let now = SystemClock.now();
+    let policy = config.planner_policy();
+    let sources = service::sources_from_config(&config)
+        .context("creating the signal sources (signals.queue / signals.latency)")?;
+    // Samples a generous hour back would be stale; one fresh sample each is what a tick sees.
+    let retention = std::time::Duration::from_secs(3600);
+    let mut queue = Series::new(config.signals.poll_interval, retention);
+    let mut latency = config
+        .signals
+        .latency
+        .as_ref()
+        .map(|_| Series::new(config.signals.poll_interval, retention));
+    for source in &sources {
+        match source.sample().await {
+            Ok(r) => {
+                let sample = Sample {
+                    value: r.value,
+                    observed_at: now,
+                    max_workers: r.max_workers,
+                };
+                match source.kind() {
+                    SignalKind::QueueLag => queue.push(sample),
+                    SignalKind::LatencyP95 => latency.as_mut().is_some_and(|l| l.push(sample)),
+                };
+            }
+            Err(e) => eprintln!(
+                "warning: {} not read ({e}); the plan holds on it",
+                source.kind().describe()
+            ),
+        }
+    }
+    let signals = Signals { queue, latency };
+    let state_dir = &config.reconcile.state_dir;
+    let claims = if RedbClaims::file(state_dir).exists() {
+        RedbClaims::read(state_dir).context("reading the claim store (reconcile.state_dir)")?
+    } else {
+        Vec::new()
+    };
+    let api_key = config.runpod.api_key.clone().unwrap_or_default();
+    if api_key.is_empty() {
+        bail!("no RunPod API key: set RUNPOD_API_KEY or runpod.api_key");
+    }
+    let provider = RunPodClient::new(RunPodSettings::from_config(&config.runpod))?;
+    let ctx = Arc::new(ReconcileContext {
+        provider: Arc::new(provider),
+        shell: Arc::new(NoShell),
+        claims: Arc::new(MemoryClaims::new(claims)),
+        clock: Arc::new(SystemClock),
+        metrics: Arc::new(Metrics::new()),
+        settings: ReconcileSettings::from_config(&config, String::new(), None),
+    });
+    let mut reconciler = Reconciler::new(ctx).context("reading the claims")?;
+    let report = reconciler.preview(&signals, &policy).await;
+    if json {
+        let out = serde_json::json!({
+            "plan": report.plan,
+            "fleet": report.fleet,
+            "errors": report.errors,
+            "text": report.plan.to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", report.plan);
+        for e in &report.fleet {
+            println!(
+                "  pod {} slot {} {} join {} {}",
+                e.pod.as_ref().map_or("-", |p| p.as_str()),
+                e.claim
+                    .map_or("-".to_owned(), |k| format!("{}-{}", k.slot, k.generation)),
+                e.state,
+                e.join.as_ref().map_or("-".to_owned(), |j| format!("{j:?}")),
+                if e.ready { "ready" } else { "" }
+            );
+        }
+        for e in &report.errors {
+            eprintln!("warning: {e}");
+        }
+    }
+    if !reconciler.is_synced() {
+        bail!("RunPod could not be listed; the plan above holds everything");
     }
     Ok(())
 }

@@ -97,6 +97,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Observe RunPod and the signals and print the plan a tick would carry out now; nothing is
+    /// executed (a dry run of active mode, also useful in advisory mode).
+    Plan {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Pods this autoscaler owns.
     Pods {
         #[command(subcommand)]
@@ -117,9 +127,13 @@ enum Command {
 enum PodsCommand {
     /// List our pods: state, age, $/h, SSH endpoint.
     List {
-        /// Configuration file (only its `[runpod]` table is read).
+        /// Configuration file (its `[runpod]` table, and `reconcile.state_dir` for slots and
+        /// join state).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The running service's HTTP address (e.g. http://127.0.0.1:8080): adds health.
+        #[arg(long)]
+        service: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
@@ -189,8 +203,17 @@ fn main() -> ExitCode {
         Command::Pods { command } => runtime().and_then(|rt| {
             rt.block_on(async move {
                 match command {
-                    PodsCommand::List { config, output } => {
-                        cli::pods_list(config.as_deref(), output == Output::Json).await
+                    PodsCommand::List {
+                        config,
+                        service,
+                        output,
+                    } => {
+                        cli::pods_list(
+                            config.as_deref(),
+                            service.as_deref(),
+                            output == Output::Json,
+                        )
+                        .await
                     }
                     PodsCommand::Terminate {
                         id,
@@ -202,6 +225,9 @@ fn main() -> ExitCode {
                 }
             })
         }),
+        Command::Plan { config, output } => {
+            runtime().and_then(|rt| rt.block_on(cli::plan(&config, output == Output::Json)))
+        }
         Command::ScalerProbe { addr, metadata } => {
             runtime().and_then(|rt| rt.block_on(probe(addr, metadata)))
         }

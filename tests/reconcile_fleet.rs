@@ -101,3 +101,31 @@ async fn a_lag_spike_buys_joins_then_drains_and_terminates() {
     );
     assert!(metrics.contains("runpod_autoscaler_claims_open 0"));
 }
+
+#[tokio::test]
+async fn pods_past_their_lifetime_are_replaced_drained_first() {
+    let mut f = Fleet::start(FleetConfig {
+        max_pod_lifetime: Some(Duration::from_secs(180)),
+        ..FleetConfig::default()
+    })
+    .await;
+    f.lag = 100.0;
+    f.until("one pod joined", TICK, 20, |_, r| {
+        r.fleet.len() == 1 && r.fleet[0].ready
+    })
+    .await;
+    let first = f.alive()[0].id.clone();
+    set_utilization(&f, 0);
+    // Past its lifetime it is drained and terminated; a new pod takes over the work.
+    let report = f
+        .until("the old pod replaced", TICK, 80, |f, r| {
+            !f.alive().iter().any(|p| p.id == first) && r.fleet.iter().any(|e| e.ready)
+        })
+        .await;
+    assert_eq!(report.fleet.len(), 1, "{:#?}", report.fleet);
+    let metrics = f.metrics.render();
+    assert!(
+        metrics.contains("runpod_autoscaler_terminations_total{reason=\"lifetime\"} 1"),
+        "{metrics}"
+    );
+}

@@ -458,6 +458,35 @@ impl RunPodConfig {
     }
 }
 
+impl ReconcileConfig {
+    /// Reads only the `[reconcile]` table of a configuration file (and its environment
+    /// overrides), for the `pods` commands.
+    pub fn load_section(path: &Path) -> Result<ReconcileConfig, ConfigError> {
+        #[derive(Deserialize)]
+        struct Only {
+            #[serde(default)]
+            reconcile: ReconcileConfig,
+        }
+        if !path.exists() {
+            return Err(ConfigError::Parse(format!(
+                "config file {} not found",
+                path.display()
+            )));
+        }
+        Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .lowercase(true)
+                    .only(&["reconcile.state_dir"]),
+            )
+            .extract::<Only>()
+            .map(|o| o.reconcile)
+            .map_err(|e| ConfigError::Parse(describe_figment(e)))
+    }
+}
+
 mod defaults {
     use super::*;
     pub fn kind() -> PolicyKind {

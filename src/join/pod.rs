@@ -85,6 +85,27 @@ impl PodShell for SshShell {
     }
 }
 
+/// A shell for dry runs (`plan`): nothing is run on pods; every command fails, saying why.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoShell;
+
+#[async_trait]
+impl PodShell for NoShell {
+    async fn run(
+        &self,
+        _pod_id: &str,
+        _target: &SshTarget,
+        _command: &str,
+        _timeout: Duration,
+    ) -> Result<ExecOutput, JoinError> {
+        Err(JoinError::Session(
+            "dry run: commands are not run on pods".into(),
+        ))
+    }
+
+    fn forget(&self, _pod_id: &str) {}
+}
+
 /// Quotes `s` for a POSIX shell (single quotes; embedded ones closed, escaped, reopened).
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))

@@ -282,6 +282,55 @@ pub trait ClaimStore: Send + Sync {
     fn remove(&self, key: ClaimKey) -> Result<(), ClaimError>;
 }
 
+/// Claims held in memory only: a copy of a store read by another process, for dry runs
+/// (`plan`). Writes change the copy, never the store.
+#[derive(Debug, Default)]
+pub struct MemoryClaims {
+    claims: std::sync::Mutex<BTreeMap<ClaimKey, Claim>>,
+}
+
+impl MemoryClaims {
+    /// A copy of `claims`.
+    pub fn new(claims: Vec<Claim>) -> Self {
+        MemoryClaims {
+            claims: std::sync::Mutex::new(claims.into_iter().map(|c| (c.key, c)).collect()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ClaimKey, Claim>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ClaimStore for MemoryClaims {
+    fn load(&self) -> Result<Vec<Claim>, ClaimError> {
+        Ok(self.lock().values().cloned().collect())
+    }
+
+    fn create(&self, slot: u32, build: &dyn Fn(ClaimKey) -> Claim) -> Result<Claim, ClaimError> {
+        let mut claims = self.lock();
+        let generation = claims
+            .keys()
+            .filter(|k| k.slot == slot)
+            .map(|k| k.generation + 1)
+            .max()
+            .unwrap_or(0);
+        let claim = build(ClaimKey { slot, generation });
+        claims.insert(claim.key, claim.clone());
+        Ok(claim)
+    }
+
+    fn update(&self, claim: &Claim) -> Result<(), ClaimError> {
+        self.lock().insert(claim.key, claim.clone());
+        Ok(())
+    }
+
+    fn remove(&self, key: ClaimKey) -> Result<(), ClaimError> {
+        self.lock().remove(&key);
+        Ok(())
+    }
+}
+
 /// Claims, JSON, by (slot, generation).
 const CLAIMS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("claims");
 /// The last generation used per slot (never reused, even after its claim is gone).

@@ -174,8 +174,18 @@ impl Reconciler {
         self.ops.len()
     }
 
+    /// Observe and decide without acting: the plan a tick would carry out now (the `plan`
+    /// command). Use it on a reconciler over a copy of the claims ([`super::claims::MemoryClaims`]).
+    pub async fn preview(&mut self, signals: &Signals, policy: &Policy) -> TickReport {
+        self.round(signals, policy, false).await
+    }
+
     /// One round: read finished steps, list, resolve claims, decide, act.
     pub async fn tick(&mut self, signals: &Signals, policy: &Policy) -> TickReport {
+        self.round(signals, policy, true).await
+    }
+
+    async fn round(&mut self, signals: &Signals, policy: &Policy, act: bool) -> TickReport {
         let now = self.ctx.clock.now();
         let mut errors = Vec::new();
         while let Some(done) = self.ops.try_join_next() {
@@ -206,12 +216,14 @@ impl Reconciler {
         };
         let view = self.view(now);
         let mut plan = decide(&view, signals, &policy, now);
-        if self.synced {
+        if self.synced && act {
             self.execute(&mut plan, &policy, template.is_some(), now, &mut errors)
                 .await;
             self.advance(now);
         }
-        self.account(now);
+        if act {
+            self.account(now);
+        }
         let requeue_after = if self.ops.is_empty() {
             Duration::from_secs(5)
         } else {

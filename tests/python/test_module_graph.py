@@ -15,8 +15,9 @@ SRC = ROOT / "src"
 OWNERS = {
     "rdkafka": {"signals"},
     "prometheus_http_query": {"signals"},
-    # prometheus-http-query takes a reqwest client built by the Prometheus source.
-    "reqwest": {"provider", "signals"},
+    # prometheus-http-query takes a reqwest client built by the Prometheus source; the CLI
+    # reads the running service's HTTP API (`pods list --service`).
+    "reqwest": {"provider", "signals", "<bin>"},
     "russh": {"join"},
     "tonic": {"scaler", "proto"},
     "tonic_health": {"scaler"},

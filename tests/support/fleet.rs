@@ -60,6 +60,8 @@ pub struct FleetConfig {
     pub sshd: bool,
     /// Wraps the RunPod client (fault injection around the real client).
     pub wrap: Option<WrapProvider>,
+    /// Pods older than this are replaced.
+    pub max_pod_lifetime: Option<Duration>,
 }
 
 /// The reference policy of these tests: up to 4 one-GPU A5000 pods, $2/h, 100 lag per GPU, no
@@ -111,6 +113,7 @@ impl Default for FleetConfig {
             seed: 1,
             sshd: true,
             wrap: None,
+            max_pod_lifetime: None,
         }
     }
 }
@@ -174,7 +177,10 @@ impl Fleet {
             claims: claims.clone(),
             clock: Arc::new(clock.clone()),
             metrics: metrics.clone(),
-            settings: settings(public, cfg.worker_command, cfg.health_command, cfg.offers),
+            settings: ReconcileSettings {
+                max_pod_lifetime: cfg.max_pod_lifetime,
+                ..settings(public, cfg.worker_command, cfg.health_command, cfg.offers)
+            },
         });
         let reconciler = Reconciler::new(ctx.clone()).unwrap();
         Fleet {
