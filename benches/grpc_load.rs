@@ -7,7 +7,9 @@
 //!   each, N requests in all;
 //! * open loop: a fixed request rate spread over the C connections for a few seconds.
 //!
-//! Reports p50, p99, p99.9, max, requests above 10 ms and requests/s for each.
+//! Reports p50, p99, p99.9, max, requests above 10 ms and requests/s for each. The load comes
+//! from tonic clients in this process and, when `h2load` (Debian's nghttp2-client) is
+//! installed, also from h2load in its own process (its per-request log gives the latencies).
 //! Tune with RPA_LOAD_REQUESTS (40000), RPA_LOAD_CONNECTIONS (8), RPA_LOAD_STREAMS (8),
 //! RPA_LOAD_RPS (2000), RPA_LOAD_SECS (10). `cargo test --benches` runs a short smoke version.
 
@@ -280,6 +282,60 @@ async fn open_loop(
     (lat, errors, start.elapsed())
 }
 
+/// One GetMetrics request as a gRPC message body (1-byte flag, 4-byte length, protobuf).
+fn grpc_body() -> Vec<u8> {
+    use prost::Message;
+    let msg = request().encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&msg);
+    body
+}
+
+/// Runs h2load against `addr` with `args` and returns per-request latencies, errors and the
+/// elapsed time; `None` when h2load is not installed.
+fn h2load(addr: SocketAddr, args: &[String]) -> Option<(Vec<Duration>, usize, Duration)> {
+    let dir = tempfile::tempdir().ok()?;
+    let body = dir.path().join("body");
+    let log = dir.path().join("log");
+    std::fs::write(&body, grpc_body()).ok()?;
+    let started = Instant::now();
+    let out = std::process::Command::new("h2load")
+        .args(args)
+        .arg("-d")
+        .arg(&body)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!(
+            "http://{addr}/externalscaler.ExternalScaler/GetMetrics"
+        ))
+        .output()
+        .ok()?;
+    let elapsed = started.elapsed();
+    if !out.status.success() {
+        eprintln!("h2load failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    // Each line: start time (µs since the epoch), HTTP status, latency (µs).
+    let text = std::fs::read_to_string(&log).ok()?;
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match (f.get(1), f.get(2).and_then(|d| d.parse::<u64>().ok())) {
+            (Some(&"200"), Some(us)) => lat.push(Duration::from_micros(us)),
+            _ => errors += 1,
+        }
+    }
+    Some((lat, errors, elapsed))
+}
+
+fn h2load_available() -> bool {
+    std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run briefly then.
@@ -313,6 +369,48 @@ async fn main() {
     for ((name, _), pool) in servers.iter().zip(&pools) {
         let (lat, errors, elapsed) = open_loop(pool, rps, secs).await;
         report(name, &open, lat, errors, elapsed);
+    }
+    if h2load_available() {
+        // h2load in its own process: the load generator no longer shares this runtime.
+        let closed_args: Vec<String> = vec![
+            "-n".into(),
+            total.to_string(),
+            "-c".into(),
+            connections.to_string(),
+            "-m".into(),
+            streams.to_string(),
+        ];
+        let per_client = (rps / connections as u64).max(1);
+        let open_args: Vec<String> = vec![
+            "-c".into(),
+            connections.to_string(),
+            "-m".into(),
+            streams.to_string(),
+            format!("--rps={per_client}"),
+            "-D".into(),
+            secs.to_string(),
+        ];
+        for (load, args) in [
+            (
+                format!("h2load -n {total} -c {connections} -m {streams}"),
+                &closed_args,
+            ),
+            (format!("h2load --rps {rps} -D {secs}"), &open_args),
+        ] {
+            for (name, addr) in &servers {
+                let addr = *addr;
+                let args = args.clone();
+                let result = tokio::task::spawn_blocking(move || h2load(addr, &args))
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some((lat, errors, elapsed)) = result {
+                    report(name, &load, lat, errors, elapsed);
+                }
+            }
+        }
+    } else {
+        println!("(h2load not installed: `apt-get install nghttp2-client` adds its runs)");
     }
     shutdown.cancel();
 }

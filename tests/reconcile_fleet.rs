@@ -129,3 +129,28 @@ async fn pods_past_their_lifetime_are_replaced_drained_first() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_configured_idle_probe_decides_when_a_pod_may_go() {
+    let mut f = Fleet::start(FleetConfig {
+        idle_command: Some("test ! -e \"$HOME/busy\"".into()),
+        ..FleetConfig::default()
+    })
+    .await;
+    f.lag = 100.0;
+    f.until("one pod joined", TICK, 20, |_, r| {
+        r.fleet.len() == 1 && r.fleet[0].ready
+    })
+    .await;
+    let home = std::path::PathBuf::from(f.alive()[0].pod_dir.clone().unwrap());
+    // The probe says busy (GPU utilization would say idle): kept past the idle timeout.
+    std::fs::write(home.join("busy"), "").unwrap();
+    f.lag = 0.0;
+    for _ in 0..30 {
+        let r = f.step(TICK).await;
+        assert_eq!(r.plan.terminations(), 0, "{}", r.plan);
+    }
+    std::fs::remove_file(home.join("busy")).unwrap();
+    f.until("the idle pod gone", TICK, 60, |f, _| f.alive().is_empty())
+        .await;
+}

@@ -161,6 +161,8 @@ pub struct JoinConfig {
     pub kubernetes_labels: BTreeMap<String, String>,
     /// Health command (default: the nvidia-smi GPU query).
     pub health_command: Option<String>,
+    /// Idle probe (exit 0 = idle); default: every GPU below `reconcile.busy_utilization`.
+    pub idle_command: Option<String>,
     /// Drain command (default: the worker-mode drain file).
     pub drain_command: Option<String>,
 }

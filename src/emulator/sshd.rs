@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use super::home::sh_quote;
 
@@ -25,6 +26,8 @@ pub const POD_MARKER_VAR: &str = "RPA_EMULATED_POD";
 /// Rounds of find-and-kill when ending a pod's processes: a process forking while it is
 /// killed leaves a child for the next round; a handful covers any shell pipeline.
 const KILL_ROUNDS: usize = 5;
+/// Longest wait for a new sshd to accept: it starts in milliseconds, seconds on a loaded machine.
+const SSHD_START_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Generates an ed25519 key pair with `ssh-keygen` at `path` (private) and `path.pub`; returns
 /// the public key line.
@@ -135,11 +138,39 @@ impl SshdProcess {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(SshdProcess {
+        let mut process = SshdProcess {
             child,
             port: spec.port,
             run_dir,
-        })
+        };
+        process.wait_listening()?;
+        Ok(process)
+    }
+
+    /// Waits until the daemon accepts on its port, so the mapping the API reports works when it
+    /// is reported (tests step time faster than a real sshd starts). Bounded; an sshd that
+    /// exits (lost its port) or never listens is an error.
+    fn wait_listening(&mut self) -> io::Result<()> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = std::time::Instant::now() + SSHD_START_DEADLINE;
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if self.exited() {
+                return Err(io::Error::other(format!(
+                    "sshd exited before listening on port {}",
+                    self.port
+                )));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "sshd not listening on port {} after {SSHD_START_DEADLINE:?}",
+                    self.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The process id.

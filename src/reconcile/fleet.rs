@@ -202,6 +202,8 @@ pub struct PodRuntime {
     pub retiring: Option<Retiring>,
     /// Backoff of its next operation.
     pub backoff: Backoff,
+    /// The last step failure not recorded by the health probes (joining).
+    pub last_error: Option<String>,
 }
 
 impl PodRuntime {
@@ -218,6 +220,7 @@ impl PodRuntime {
             last_busy_at: None,
             retiring: None,
             backoff: Backoff::default(),
+            last_error: None,
         }
     }
 

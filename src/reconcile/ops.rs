@@ -113,6 +113,7 @@ pub(super) async fn probe(
     pod: PodId,
     target: SshTarget,
     command: String,
+    idle_command: Option<String>,
     timeout: Duration,
 ) -> Result<f64, String> {
     let span = info_span!("reconcile.probe", pod = %pod);
@@ -125,7 +126,20 @@ pub(super) async fn probe(
         if gpus.is_empty() {
             return Err("nvidia-smi reports no GPU".into());
         }
-        Ok(gpus.iter().map(|g| g.utilization).fold(0.0, f64::max))
+        let utilization = gpus.iter().map(|g| g.utilization).fold(0.0, f64::max);
+        let Some(idle_command) = idle_command else {
+            return Ok(utilization);
+        };
+        // A configured idle probe decides instead: exit 0 = idle (reads as 0 %), else busy.
+        let idle = shell
+            .run(pod.as_str(), &target, &idle_command, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(if idle.exit_status == Some(0) {
+            0.0
+        } else {
+            100.0
+        })
     }
     .instrument(span)
     .await

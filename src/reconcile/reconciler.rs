@@ -71,6 +71,10 @@ pub struct FleetEntry {
     pub idle_for: Option<Duration>,
     /// Retirement, when decided.
     pub retiring: Option<Retiring>,
+    /// The last failure of a step on this pod (SSH, probe), while it keeps failing.
+    pub last_error: Option<String>,
+    /// Consecutive failures of its steps (each one backs off).
+    pub failures: u32,
 }
 
 /// What a tick did.
@@ -759,16 +763,17 @@ impl Reconciler {
 
     fn spawn_probe(&mut self, key: ClaimKey, pod: PodId, target: SshTarget, now: Timestamp) {
         let s = &self.ctx.settings;
-        let (shell, command, timeout) = (
+        let (shell, command, idle, timeout) = (
             self.ctx.shell.clone(),
             s.health_command.clone(),
+            s.idle_command.clone(),
             s.ssh_timeout,
         );
         self.busy.insert(pod.clone());
         self.ops.spawn(async move {
             OpResult {
                 outcome: Outcome::Probe(
-                    ops::probe(shell, pod.clone(), target, command, timeout).await,
+                    ops::probe(shell, pod.clone(), target, command, idle, timeout).await,
                 ),
                 pod,
                 claim: Some(key),
@@ -903,6 +908,7 @@ impl Reconciler {
                     JoinOutcome::Joined => {
                         info!(%pod, "joined: bootstrapped and GPUs checked");
                         rt.join = JoinState::Joined;
+                        rt.last_error = None;
                         rt.backoff.reset();
                         rt.health.ok(now, 0.0);
                         rt.health.last_probe = Some(now);
@@ -920,11 +926,13 @@ impl Reconciler {
                     }
                     JoinOutcome::InProgress => {
                         rt.join = JoinState::WaitingForSsh;
+                        rt.last_error = Some("bootstrap still in progress".into());
                         rt.backoff.fail(now);
                     }
                     JoinOutcome::Unreachable(e) => {
                         debug!(%pod, error = %e, "SSH not reachable yet");
                         rt.join = JoinState::WaitingForSsh;
+                        rt.last_error = Some(e.to_string());
                         rt.backoff.fail(now);
                     }
                     JoinOutcome::Failed(reason) => {
@@ -1109,6 +1117,8 @@ impl Reconciler {
                     now.saturating_since(r.last_busy_at.unwrap_or(c.created_at).max(c.created_at))
                 }),
                 retiring: rt.and_then(|r| r.retiring.clone()),
+                last_error: rt.and_then(|r| r.last_error.clone().or(r.health.last_error.clone())),
+                failures: rt.map_or(0, |r| r.backoff.failures),
             });
         }
         for (pod, retiring) in &self.strays {
@@ -1124,6 +1134,8 @@ impl Reconciler {
                 utilization: None,
                 idle_for: None,
                 retiring: Some(retiring.clone()),
+                last_error: None,
+                failures: 0,
             });
         }
         out

@@ -38,6 +38,8 @@ pub struct ReconcileSettings {
     pub join: JoinPlan,
     /// The health command (GPU query).
     pub health_command: String,
+    /// An idle probe instead of GPU utilization: exit 0 = idle.
+    pub idle_command: Option<String>,
     /// The drain command (`None`: the worker-mode drain file).
     pub drain_command: Option<String>,
     /// Every SSH command's bound.
@@ -141,6 +143,7 @@ impl ReconcileSettings {
                 .health_command
                 .clone()
                 .unwrap_or_else(|| HEALTH_QUERY.to_owned()),
+            idle_command: j.idle_command.clone(),
             drain_command: j.drain_command.clone(),
             ssh_timeout: r.ssh_timeout,
             provider_timeout: r.provider_timeout,

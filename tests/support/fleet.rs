@@ -62,6 +62,8 @@ pub struct FleetConfig {
     pub wrap: Option<WrapProvider>,
     /// Pods older than this are replaced.
     pub max_pod_lifetime: Option<Duration>,
+    /// An idle probe instead of GPU utilization.
+    pub idle_command: Option<String>,
 }
 
 /// The reference policy of these tests: up to 4 one-GPU A5000 pods, $2/h, 100 lag per GPU, no
@@ -114,6 +116,7 @@ impl Default for FleetConfig {
             sshd: true,
             wrap: None,
             max_pod_lifetime: None,
+            idle_command: None,
         }
     }
 }
@@ -179,6 +182,7 @@ impl Fleet {
             metrics: metrics.clone(),
             settings: ReconcileSettings {
                 max_pod_lifetime: cfg.max_pod_lifetime,
+                idle_command: cfg.idle_command,
                 ..settings(public, cfg.worker_command, cfg.health_command, cfg.offers)
             },
         });
@@ -240,6 +244,23 @@ impl Fleet {
             }
         }
         let report = self.tick().await;
+        // The pods' sshd logs tell why SSH failed, when it did.
+        let logs: Vec<String> = self
+            .alive()
+            .iter()
+            .filter_map(|p| {
+                let dir = std::path::Path::new(p.pod_dir.as_ref()?)
+                    .parent()?
+                    .parent()?;
+                let log = dir.join("sshd").join(&p.id).join("sshd.log");
+                Some(format!(
+                    "{}: {}",
+                    p.id,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ))
+            })
+            .collect();
+        eprintln!("sshd logs: {logs:#?}");
         panic!(
             "{what}: not reached after {max} steps of {every:?}\nplan: {}\nfleet: {:#?}\nerrors: {:?}\npods: {:#?}",
             report.plan,
@@ -305,6 +326,7 @@ fn settings(
             env: BTreeMap::from([("KAFKA_TOPIC".to_owned(), Secret::new("gpu-jobs"))]),
         },
         health_command,
+        idle_command: None,
         drain_command: None,
         ssh_timeout: Duration::from_secs(10),
         provider_timeout: Duration::from_secs(30),
