@@ -11,6 +11,9 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A handle on one request counter (increments are one atomic add).
+pub type RequestCounter = Counter;
+
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
@@ -254,6 +257,16 @@ impl Metrics {
         self.terminations
             .get_or_create(&vec![("reason", reason.to_owned())])
             .inc();
+    }
+
+    /// The counter of gRPC requests with this method and code (a handle to keep).
+    pub fn grpc_counter(&self, method: &str, code: &str) -> RequestCounter {
+        self.grpc_requests
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("code", code.to_owned()),
+            ])
+            .clone()
     }
 
     /// Counts one gRPC request.

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
@@ -290,37 +289,10 @@ async fn run(seed: u64) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_chaos_never_exceeds_limits_never_doubles_a_slot_and_leaves_nothing() {
-    let runs: u64 = std::env::var("RPA_CHAOS_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let base: u64 = std::env::var("RPA_CHAOS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x7e57_c4a0);
     let started = std::time::Instant::now();
-    // A few runs at a time: each waits on loopback HTTP and sshd much of the time.
-    let results: Vec<(u64, Result<(), String>)> = futures_util::stream::iter(0..runs)
-        .map(|i| {
-            let seed = base.wrapping_add(i);
-            async move {
-                let r = tokio::spawn(run(seed))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the run panicked: {e}")));
-                (seed, r)
-            }
-        })
-        .buffer_unordered(CONCURRENT_RUNS)
-        .collect()
-        .await;
-    let mut failures = Vec::new();
-    for (seed, r) in results {
-        if let Err(e) = r {
-            eprintln!("chaos run failed: RPA_CHAOS_SEED={seed} RPA_CHAOS_RUNS=1: {e}");
-            failures.push(seed);
-        }
-    }
-    failures.sort_unstable();
+    let (ok, failures) =
+        support::seeded_runs("RPA_CHAOS", 200, 0x7e57_c4a0, CONCURRENT_RUNS, run).await;
+    let runs = ok.len() + failures.len();
     eprintln!(
         "{runs} chaos runs in {:.1}s ({:.0} runs/min)",
         started.elapsed().as_secs_f64(),

@@ -16,7 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -202,47 +201,16 @@ async fn run(seed: u64) -> Result<usize, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_never_leaks_or_double_buys() {
-    let runs: u64 = std::env::var("RPA_SIGKILL_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let base: u64 = std::env::var("RPA_SIGKILL_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5191_0000);
     let started = Instant::now();
-    let results: Vec<(u64, Result<usize, String>)> = futures_util::stream::iter(0..runs)
-        .map(|i| {
-            let seed = base.wrapping_add(i);
-            async move {
-                let r = tokio::spawn(run(seed))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the run panicked: {e}")));
-                (seed, r)
-            }
-        })
-        .buffer_unordered(CONCURRENT_RUNS)
-        .collect()
-        .await;
-    let mut failures = Vec::new();
-    let mut created = 0;
-    for (seed, r) in results {
-        match r {
-            Ok(n) => created += n,
-            Err(e) => {
-                eprintln!("SIGKILL run failed: RPA_SIGKILL_SEED={seed} RPA_SIGKILL_RUNS=1: {e}");
-                failures.push(seed);
-            }
-        }
-    }
+    let (created, failures) =
+        support::seeded_runs("RPA_SIGKILL", 20, 0x5191_0000, CONCURRENT_RUNS, run).await;
+    let runs = created.len() + failures.len();
+    let created: usize = created.iter().sum();
     eprintln!(
         "{runs} SIGKILL runs in {:.1}s, {created} pods created in all",
         started.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
     // The runs must have bought pods for the kills to land mid-work.
-    assert!(
-        created >= runs as usize,
-        "only {created} pods in {runs} runs"
-    );
+    assert!(created >= runs, "only {created} pods in {runs} runs");
 }

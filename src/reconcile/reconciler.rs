@@ -297,20 +297,8 @@ impl Reconciler {
                     self.update_claim(key, errors, |c| c.missing_since = None);
                 }
                 Resolution::Vanished { key, pod } => {
-                    if self.busy.insert(pod.clone()) {
-                        let (provider, timeout) =
-                            (self.ctx.provider.clone(), settings.provider_timeout);
-                        let p = pod.clone();
-                        self.ops.spawn(async move {
-                            OpResult {
-                                outcome: Outcome::Looked(
-                                    ops::look_up(provider, p.clone(), timeout).await,
-                                ),
-                                pod: p,
-                                claim: Some(key),
-                                started: now,
-                            }
-                        });
+                    if !self.busy.contains(&pod) {
+                        self.spawn_confirm(Some(key), pod, now);
                     }
                 }
                 Resolution::Duplicate { pod } => {
@@ -849,30 +837,37 @@ impl Reconciler {
     }
 
     fn spawn_terminate(&mut self, claim: Option<ClaimKey>, pod: PodId, now: Timestamp) {
-        let (provider, timeout) = (
-            self.ctx.provider.clone(),
-            self.ctx.settings.provider_timeout,
-        );
-        self.busy.insert(pod.clone());
-        self.ops.spawn(async move {
-            OpResult {
-                outcome: Outcome::Terminated(ops::terminate(provider, pod.clone(), timeout).await),
-                pod,
-                claim,
-                started: now,
-            }
-        });
+        self.spawn_provider_step(claim, pod, now, ProviderStep::Terminate);
     }
 
     fn spawn_confirm(&mut self, claim: Option<ClaimKey>, pod: PodId, now: Timestamp) {
+        self.spawn_provider_step(claim, pod, now, ProviderStep::LookUp);
+    }
+
+    /// Runs one provider call about `pod` as a step.
+    fn spawn_provider_step(
+        &mut self,
+        claim: Option<ClaimKey>,
+        pod: PodId,
+        now: Timestamp,
+        step: ProviderStep,
+    ) {
         let (provider, timeout) = (
             self.ctx.provider.clone(),
             self.ctx.settings.provider_timeout,
         );
         self.busy.insert(pod.clone());
         self.ops.spawn(async move {
+            let outcome = match step {
+                ProviderStep::Terminate => {
+                    Outcome::Terminated(ops::terminate(provider, pod.clone(), timeout).await)
+                }
+                ProviderStep::LookUp => {
+                    Outcome::Looked(ops::look_up(provider, pod.clone(), timeout).await)
+                }
+            };
             OpResult {
-                outcome: Outcome::Looked(ops::look_up(provider, pod.clone(), timeout).await),
+                outcome,
                 pod,
                 claim,
                 started: now,
@@ -1140,6 +1135,13 @@ impl Reconciler {
         }
         out
     }
+}
+
+/// A provider call run as a step.
+#[derive(Debug, Clone, Copy)]
+enum ProviderStep {
+    Terminate,
+    LookUp,
 }
 
 /// The planner's id for a claim whose pod is not known yet.

@@ -28,7 +28,7 @@ use crate::proto::{
     MetricValue, ScaledObjectRef,
 };
 use crate::snapshot::{Snapshot, SnapshotReceiver};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RequestCounter};
 
 /// Why a scaler request cannot be answered.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,12 @@ pub struct ScalerService {
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
     parity: Arc<Parity>,
+    /// `grpc_requests{method, code="Ok"}` per method, resolved once.
+    ok_counters: Arc<[(&'static str, RequestCounter)]>,
 }
+
+/// The RPCs, as counted.
+const METHODS: [&str; 4] = ["IsActive", "StreamIsActive", "GetMetricSpec", "GetMetrics"];
 
 impl ScalerService {
     /// A service answering from `snapshots` (and, for parity triggers, from a cache refreshed
@@ -111,11 +116,16 @@ impl ScalerService {
             parity::DEFAULT_IDLE_TTL,
             shutdown.clone(),
         ));
+        let ok_counters = METHODS
+            .iter()
+            .map(|m| (*m, metrics.grpc_counter(m, "Ok")))
+            .collect();
         ScalerService {
             snapshots,
             shutdown,
             metrics,
             parity,
+            ok_counters,
         }
     }
 
@@ -153,17 +163,25 @@ impl ScalerService {
         self.snapshots.borrow().clone()
     }
 
-    /// Counts the request and converts errors.
+    /// Counts the request and converts errors. Successes go to counters resolved once (no
+    /// label lookup or allocation on the hot path); failures through the labelled family.
     fn answer<T>(
         &self,
         method: &'static str,
         result: Result<T, ScalerError>,
     ) -> Result<Response<T>, Status> {
         let result = result.map(Response::new).map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.metrics.grpc_request(method, &format!("{code:?}"));
+        match &result {
+            Ok(_) => match self.ok_counters.iter().find(|(m, _)| *m == method) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => self.metrics.grpc_request(method, "Ok"),
+            },
+            Err(status) => self
+                .metrics
+                .grpc_request(method, &format!("{:?}", status.code())),
+        }
         result
     }
 }

@@ -554,3 +554,55 @@ impl Drop for TlsProxy {
         }
     }
 }
+
+/// The runs of a seeded suite: `RUNS` of `run(seed)` for seeds `base`, `base + 1`, …
+/// (`<prefix>_RUNS` and `<prefix>_SEED` in the environment override `runs` and `base`), a few
+/// at a time. Every failure is printed with the command line that reruns it alone; returns the
+/// successes' values and the failing seeds.
+pub async fn seeded_runs<T, F, Fut>(
+    prefix: &str,
+    runs: u64,
+    base: u64,
+    concurrency: usize,
+    run: F,
+) -> (Vec<T>, Vec<u64>)
+where
+    T: Send + 'static,
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = Result<T, String>> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let var = |name: &str| {
+        std::env::var(format!("{prefix}_{name}"))
+            .ok()
+            .and_then(|v| v.parse().ok())
+    };
+    let runs: u64 = var("RUNS").unwrap_or(runs);
+    let base: u64 = var("SEED").unwrap_or(base);
+    let results: Vec<(u64, Result<T, String>)> = futures_util::stream::iter(0..runs)
+        .map(|i| {
+            let seed = base.wrapping_add(i);
+            let fut = tokio::spawn(run(seed));
+            async move {
+                let r = fut
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the run panicked: {e}")));
+                (seed, r)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let (mut ok, mut failed) = (Vec::new(), Vec::new());
+    for (seed, r) in results {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => {
+                eprintln!("run failed: {prefix}_SEED={seed} {prefix}_RUNS=1: {e}");
+                failed.push(seed);
+            }
+        }
+    }
+    failed.sort_unstable();
+    (ok, failed)
+}
