@@ -213,7 +213,7 @@ impl Reconciler {
             }
         }
 
-        let template = self.template(policy, now, &mut errors).await;
+        let template = self.template(now, &mut errors).await;
         let policy = Policy {
             pod: template.clone().unwrap_or_else(|| policy.pod.clone()),
             ..policy.clone()
@@ -338,12 +338,7 @@ impl Reconciler {
 
     /// The pod template of the cheapest offer now (quotes re-read when stale); `None` when no
     /// offer can be bought.
-    async fn template(
-        &mut self,
-        policy: &Policy,
-        now: Timestamp,
-        errors: &mut Vec<String>,
-    ) -> Option<PodTemplate> {
+    async fn template(&mut self, now: Timestamp, errors: &mut Vec<String>) -> Option<PodTemplate> {
         let ctx = self.ctx.clone();
         let settings = &ctx.settings;
         let stale = self
@@ -367,7 +362,6 @@ impl Reconciler {
         }
         self.unavailable.expire(now);
         let best = self.candidates(now).into_iter().next()?;
-        let _ = policy;
         Some(PodTemplate {
             gpu_type: best.market.gpu_type.clone(),
             gpus: best.gpus,
