@@ -230,6 +230,7 @@ fn context(
         claims: Arc::new(RedbClaims::open(state).unwrap()),
         clock: Arc::new(SystemClock),
         metrics,
+        checkpoints: None,
         settings: settings(keys.public.clone()),
     })
 }

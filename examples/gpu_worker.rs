@@ -15,6 +15,17 @@
 //! | `RPA_DRAIN_FILE` | yes | when this file exists: stop taking work, finish, commit, leave, exit 0 |
 //! | `WORK_MS_PER_JOB` | no (200) | simulated work per message, in milliseconds |
 //! | `GPU_UTILIZATION_FILE` | no (`$HOME/.gpu_utilization`) | where utilization (integer %) is written |
+//! | `STEPS_PER_JOB` | no (1) | a job is this many steps of `WORK_MS_PER_JOB` each |
+//! | `CHECKPOINT_EVERY` | no (0: never) | checkpoint the job every this many steps, and on drain |
+//! | `RPA_AGENT` | no (`runpod-autoscaler`) | the binary whose `agent checkpoint`/`agent resume` store checkpoints |
+//! | `CHECKPOINT_STORE_ARGS` | no | extra arguments for those commands (e.g. `--config /etc/rpa.toml`) |
+//! | `RPA_JOBS_FILE` | no (`$HOME/.runpod-autoscaler/jobs`) | the job in hand, one id per line, for the reconciler |
+//!
+//! With checkpoints on, a job (id `<topic>-<partition>-<offset>`) first resumes from its latest
+//! checkpoint, if any (`progress` in its directory holds the steps done); every
+//! `CHECKPOINT_EVERY` steps it checkpoints its directory; a drain during a job checkpoints it and
+//! leaves it uncommitted, so Kafka delivers it again and the next worker resumes it. A preempted
+//! pod's job is redelivered the same way, redoing at most `CHECKPOINT_EVERY` steps.
 //!
 //! A missing or invalid setting exits 2 with a message naming the variable. SIGTERM and SIGINT
 //! drain like the drain file. One line per job goes to stdout; lifecycle and client events go to
@@ -81,6 +92,12 @@ struct Settings {
     drain_file: PathBuf,
     work: Duration,
     utilization_file: PathBuf,
+    steps: u64,
+    checkpoint_every: u64,
+    agent: PathBuf,
+    store_args: Vec<String>,
+    jobs_file: PathBuf,
+    work_root: PathBuf,
 }
 
 /// A missing or invalid setting: which variable, what is wrong, what to set.
@@ -172,6 +189,32 @@ impl Settings {
                 }
             },
         };
+        let number = |var: &'static str, default: u64| -> Result<u64, SettingError> {
+            match optional(&get, var, "a whole number")? {
+                None => Ok(default),
+                Some(v) => v.trim().parse::<u64>().map_err(|_| SettingError {
+                    var,
+                    problem: format!("is not a whole number ({v:?})"),
+                    fix: "a whole number, e.g. 10",
+                }),
+            }
+        };
+        let steps = number("STEPS_PER_JOB", 1)?.max(1);
+        let checkpoint_every = number("CHECKPOINT_EVERY", 0)?;
+        let agent = PathBuf::from(
+            optional(&get, "RPA_AGENT", "the runpod-autoscaler binary")?
+                .unwrap_or_else(|| "runpod-autoscaler".into()),
+        );
+        let store_args = optional(&get, "CHECKPOINT_STORE_ARGS", "arguments")?
+            .map(|a| a.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let state = match optional(&get, "HOME", "the home directory")? {
+            Some(home) => Path::new(&home).join(".runpod-autoscaler"),
+            None => std::env::temp_dir().join("gpu-worker"),
+        };
+        let jobs_file = optional(&get, "RPA_JOBS_FILE", "a file path")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| state.join("jobs"));
         Ok(Settings {
             bootstrap_servers,
             group,
@@ -180,6 +223,12 @@ impl Settings {
             drain_file,
             work,
             utilization_file,
+            steps,
+            checkpoint_every,
+            agent,
+            store_args,
+            jobs_file,
+            work_root: state.join("work"),
         })
     }
 }
@@ -398,26 +447,54 @@ impl Worker {
         committed
     }
 
-    /// Works on one message, commits its offset and logs the job. A stop requested meanwhile
-    /// stops fetching at once; the job in hand is still finished and committed. Returns that
-    /// stop, if any, and whether the commit succeeded.
+    /// Works on one message, step by step (resuming from and writing checkpoints when they are
+    /// on), commits its offset and logs the job. A stop requested meanwhile stops fetching at
+    /// once; the job in hand is finished and committed, or, with checkpoints on, checkpointed
+    /// and left uncommitted for the next worker. Returns that stop, if any, and whether the job
+    /// ended as it should (committed, or checkpointed on drain).
     async fn work(&mut self, msg: &OwnedMessage, stops: &mut StopRequests) -> (Option<Stop>, bool) {
         if !self.busy {
             self.set_busy(true);
         }
         let started = Instant::now();
-        let job = tokio::time::sleep(self.settings.work);
-        tokio::pin!(job);
+        let job = format!("{}-{}-{}", msg.topic(), msg.partition(), msg.offset());
+        let dir = self.settings.work_root.join(&job);
+        self.report_job(Some(&job));
+        let checkpoints = self.settings.checkpoint_every > 0;
+        let resumed_from = if checkpoints {
+            self.resume(&job, &dir).await
+        } else {
+            0
+        };
+        let mut done = resumed_from;
         let mut stop = None;
-        loop {
-            tokio::select! {
-                () = &mut job => break,
-                s = stops.next(), if stop.is_none() => {
+        while done < self.settings.steps {
+            let step = tokio::time::sleep(self.settings.work);
+            tokio::pin!(step);
+            loop {
+                tokio::select! {
+                    () = &mut step => break,
+                    s = stops.next(), if stop.is_none() => {
+                        self.log(format_args!(
+                            "stop requested ({s}) during job {job}: fetching stopped"
+                        ));
+                        self.stop_fetching();
+                        stop = Some(s);
+                    }
+                }
+            }
+            done += 1;
+            let due = checkpoints && done % self.settings.checkpoint_every == 0;
+            if done < self.settings.steps && (due || (checkpoints && stop.is_some())) {
+                let saved = self.checkpoint(&job, &dir, done).await;
+                if stop.is_some() {
+                    // Drained mid-job: the checkpoint carries it to the next worker.
+                    self.report_job(None);
                     self.log(format_args!(
-                        "stop requested ({s}) during a job: finishing it, fetching stopped"
+                        "job {job} checkpointed at step {done}/{} on drain; left for the next worker",
+                        self.settings.steps
                     ));
-                    self.stop_fetching();
-                    stop = Some(s);
+                    return (stop, saved);
                 }
             }
         }
@@ -430,11 +507,15 @@ impl Worker {
                 // runtime's other worker keeps the signal and timer tasks going.
                 tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
             });
+        self.report_job(None);
+        let _ = std::fs::remove_dir_all(&dir);
         let took_ms = started.elapsed().as_millis();
         let bytes = msg.payload().map_or(0, <[u8]>::len);
+        let steps = self.settings.steps;
         match &committed {
             Ok(()) => println!(
-                "{} gpu_worker pod={} job topic={} partition={} offset={} bytes={} took_ms={} committed={}",
+                "{} gpu_worker pod={} job topic={} partition={} offset={} bytes={} took_ms={} \
+                 steps={steps} resumed_from={resumed_from} committed={}",
                 humantime::format_rfc3339_millis(SystemTime::now()),
                 self.settings.pod_id,
                 msg.topic(),
@@ -457,6 +538,102 @@ impl Worker {
             ),
         }
         (stop, committed.is_ok())
+    }
+
+    /// Writes the job in hand (or none) where the reconciler reads it.
+    fn report_job(&self, job: Option<&str>) {
+        let file = &self.settings.jobs_file;
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(file, job.map(|j| format!("{j}\n")).unwrap_or_default()));
+        if let Err(e) = written {
+            self.log(format_args!("cannot write {}: {e}", file.display()));
+        }
+    }
+
+    /// Runs the agent with `args` (plus the store arguments); returns its exit code.
+    async fn agent(&self, args: &[&str]) -> Option<i32> {
+        let mut cmd = tokio::process::Command::new(&self.settings.agent);
+        cmd.args(args)
+            .args(&self.settings.store_args)
+            .env("RPA_POD_ID", &self.settings.pod_id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        match cmd.status().await {
+            Ok(s) => s.code(),
+            Err(e) => {
+                self.log(format_args!(
+                    "cannot run {} (RPA_AGENT): {e}",
+                    self.settings.agent.display()
+                ));
+                None
+            }
+        }
+    }
+
+    /// Restores the job's directory from its latest checkpoint; returns the steps it had done.
+    async fn resume(&self, job: &str, dir: &Path) -> u64 {
+        let _ = std::fs::remove_dir_all(dir);
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            self.log(format_args!("cannot create {}: {e}", dir.display()));
+            return 0;
+        }
+        let dir_arg = dir.to_string_lossy();
+        match self
+            .agent(&["agent", "resume", "--job", job, "--dir", &dir_arg])
+            .await
+        {
+            Some(0) => {
+                let steps = std::fs::read_to_string(dir.join("progress"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                self.log(format_args!(
+                    "job {job} resumed from its checkpoint at step {steps}"
+                ));
+                steps
+            }
+            // Nothing to resume: a fresh job.
+            Some(3) => 0,
+            other => {
+                self.log(format_args!(
+                    "resuming job {job} failed (agent exit {other:?}); starting it over"
+                ));
+                0
+            }
+        }
+    }
+
+    /// Checkpoints the job's directory after `done` steps; true when stored.
+    async fn checkpoint(&self, job: &str, dir: &Path, done: u64) -> bool {
+        if let Err(e) = std::fs::write(dir.join("progress"), done.to_string()) {
+            self.log(format_args!("cannot write the progress of job {job}: {e}"));
+            return false;
+        }
+        let dir_arg = dir.to_string_lossy();
+        let step = format!("step={done}");
+        let code = self
+            .agent(&[
+                "agent",
+                "checkpoint",
+                "--job",
+                job,
+                "--dir",
+                &dir_arg,
+                "--meta",
+                &step,
+            ])
+            .await;
+        if code == Some(0) {
+            self.log(format_args!("job {job} checkpointed at step {done}"));
+            true
+        } else {
+            self.log(format_args!(
+                "checkpointing job {job} at step {done} failed (agent exit {code:?})"
+            ));
+            false
+        }
     }
 
     /// Pauses every assigned partition so that librdkafka fetches nothing more.

@@ -225,6 +225,7 @@ pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
         claims: Arc::new(MemoryClaims::new(claims)),
         clock: Arc::new(SystemClock),
         metrics: Arc::new(Metrics::new()),
+        checkpoints: None,
         settings: ReconcileSettings::from_config(&config, String::new(), None),
     });
     let mut reconciler = Reconciler::new(ctx).context("reading the claims")?;

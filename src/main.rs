@@ -409,6 +409,7 @@ fn reconciler(
         claims: Arc::new(claims),
         clock: Arc::new(SystemClock),
         metrics,
+        checkpoints: None,
         settings: ReconcileSettings::from_config(config, public_key, token),
     });
     Reconciler::new(ctx).context("reading the claim store")

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub orphans_collected: Counter,
     /// Markets (GPU type, cloud, spot) set aside after a capacity error.
     pub unavailable_offers: Gauge,
+    /// Jobs of drained pods terminated at the drain deadline without a verified checkpoint.
+    pub checkpoint_missed: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +110,7 @@ impl Metrics {
             claims_open: Gauge::default(),
             orphans_collected: Counter::default(),
             unavailable_offers: Gauge::default(),
+            checkpoint_missed: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -219,6 +222,11 @@ impl Metrics {
             "unavailable_offers",
             "Markets set aside after a capacity error",
             m.unavailable_offers.clone(),
+        );
+        r.register(
+            "checkpoint_missed",
+            "Jobs of drained pods terminated at the drain deadline without a verified checkpoint",
+            m.checkpoint_missed.clone(),
         );
         Metrics { registry, ..m }
     }

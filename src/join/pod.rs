@@ -267,6 +267,21 @@ impl JoinPlan {
     }
 }
 
+/// The command that prints the jobs a worker has in hand (its jobs file, one id per line).
+pub fn read_jobs() -> String {
+    format!("cat \"{STATE_DIR}/jobs\" 2>/dev/null; true")
+}
+
+/// The job ids in a jobs file's text.
+pub fn parse_jobs(stdout: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The drain signal for worker mode: the worker stops taking work when this file exists.
 pub fn drain_signal() -> String {
     format!("mkdir -p \"{STATE_DIR}\" && : >\"{STATE_DIR}/drain\"")

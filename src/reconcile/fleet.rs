@@ -119,6 +119,16 @@ pub enum RetirePhase {
         /// Give up waiting then.
         deadline: Timestamp,
     },
+    /// Wait until each job the pod had at the drain is checkpointed (stored and verified after
+    /// the drain began) or finished, or until the deadline.
+    WaitCheckpoint {
+        /// Give up waiting then (counted as a missed checkpoint).
+        deadline: Timestamp,
+        /// The jobs in hand when the drain began.
+        jobs: Vec<String>,
+        /// When the drain began: only newer checkpoints count.
+        since: Timestamp,
+    },
     /// Send the terminate.
     Terminate,
     /// Terminate sent: confirm the pod is gone.

@@ -7,10 +7,11 @@
 pub mod claims;
 pub mod fleet;
 pub mod observe;
-mod ops;
+pub mod ops;
 mod reconciler;
 mod settings;
 
 pub use observe::PodObserver;
+pub use ops::CheckpointCheck;
 pub use reconciler::{Context, FleetEntry, Reconciler, TickReport};
 pub use settings::ReconcileSettings;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tracing::{info_span, Instrument};
 
 use crate::join::pod::{
-    bootstrap_outcome, check_gpus, drain_signal, parse_gpus, run_once, BootstrapOutcome, PodShell,
+    bootstrap_outcome, check_gpus, drain_signal, parse_gpus, parse_jobs, read_jobs, run_once,
+    BootstrapOutcome, PodShell,
 };
 use crate::join::{JoinError, SshTarget};
 use crate::model::{PodId, Timestamp};
@@ -36,8 +37,10 @@ pub(super) enum Outcome {
     Join(JoinOutcome),
     /// Health probe: the highest GPU utilization, or why it failed.
     Probe(Result<f64, String>),
-    /// Drain signal sent (or why not).
-    Drained(Result<(), String>),
+    /// Drain signal sent, with the jobs in hand (or why not).
+    Drained(Result<Vec<String>, String>),
+    /// Jobs of a draining pod still without a verified checkpoint.
+    Checkpoints(Vec<String>),
     /// Terminate sent.
     Terminated(Result<(), ProviderError>),
     /// A lookup by id: `None` = gone.
@@ -145,14 +148,14 @@ pub(super) async fn probe(
     .await
 }
 
-/// Tells the worker on the pod to stop taking work.
+/// Tells the worker on the pod to stop taking work; returns the jobs it had in hand.
 pub(super) async fn drain(
     shell: Arc<dyn PodShell>,
     pod: PodId,
     target: SshTarget,
     command: Option<String>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let span = info_span!("reconcile.drain", pod = %pod);
     async move {
         let command = command.unwrap_or_else(drain_signal);
@@ -160,13 +163,73 @@ pub(super) async fn drain(
             .run(pod.as_str(), &target, &command, timeout)
             .await
             .map_err(|e| e.to_string())?;
-        match out.exit_status {
-            Some(0) => Ok(()),
-            s => Err(format!(
-                "drain command exited with {s:?}: {}",
+        if out.exit_status != Some(0) {
+            return Err(format!(
+                "drain command exited with {:?}: {}",
+                out.exit_status,
                 String::from_utf8_lossy(&out.stderr).trim()
-            )),
+            ));
         }
+        let jobs = shell
+            .run(pod.as_str(), &target, &read_jobs(), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(parse_jobs(&jobs.stdout))
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the reconciler needs from the checkpoint store: whether a job has a checkpoint
+/// written at or after a time, stored completely and verified.
+#[async_trait::async_trait]
+pub trait CheckpointCheck: Send + Sync {
+    /// The creation time of the newest checkpoint of `job` if it is at or after `since` and
+    /// every part of it verifies; `None` when there is no such checkpoint (yet).
+    async fn verified_since(
+        &self,
+        job: &str,
+        since: Timestamp,
+    ) -> Result<Option<Timestamp>, String>;
+}
+
+/// Of `jobs` (in hand when the drain began at `since`), those not yet safe: still listed on the
+/// pod and without a verified checkpoint since the drain began. A job the pod no longer lists
+/// is done (finished, or checkpointed and handed back). An unreadable pod keeps every job
+/// pending.
+pub(super) async fn pending_checkpoints(
+    shell: Arc<dyn PodShell>,
+    store: Arc<dyn CheckpointCheck>,
+    pod: PodId,
+    target: SshTarget,
+    jobs: Vec<String>,
+    since: Timestamp,
+    timeout: Duration,
+) -> Vec<String> {
+    let span = info_span!("reconcile.checkpoints", pod = %pod, jobs = jobs.len());
+    async move {
+        let listed = match shell
+            .run(pod.as_str(), &target, &read_jobs(), timeout)
+            .await
+        {
+            Ok(out) => Some(parse_jobs(&out.stdout)),
+            Err(_) => None,
+        };
+        let mut pending = Vec::new();
+        for job in jobs {
+            if listed.as_ref().is_some_and(|l| !l.contains(&job)) {
+                continue;
+            }
+            match store.verified_since(&job, since).await {
+                Ok(Some(_)) => {}
+                Ok(None) => pending.push(job),
+                Err(e) => {
+                    tracing::debug!(%job, error = %e, "checkpoint not verified yet");
+                    pending.push(job);
+                }
+            }
+        }
+        pending
     }
     .instrument(span)
     .await

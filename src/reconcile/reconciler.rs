@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::claims::{pod_name, resolve, Claim, ClaimKey, ClaimStage, ClaimStore, Resolution};
 use super::fleet::{JoinState, PodRuntime, RetirePhase, RetireReason, Retiring};
-use super::ops::{self, JoinJob, JoinOutcome, OpResult, Outcome};
+use super::ops::{self, CheckpointCheck, JoinJob, JoinOutcome, OpResult, Outcome};
 use super::settings::ReconcileSettings;
 use crate::clock::Clock;
 use crate::decide::offers::{candidates, Availability, Candidate, MarketKey, Quote, Unavailable};
@@ -43,6 +43,9 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Checkpoints, when a store is configured: a draining pod is terminated only once each
+    /// job it had is checkpointed (or finished).
+    pub checkpoints: Option<Arc<dyn CheckpointCheck>>,
     /// Settings.
     pub settings: ReconcileSettings,
 }
@@ -818,6 +821,46 @@ impl Reconciler {
                     }
                 }
             }
+            RetirePhase::WaitCheckpoint {
+                deadline,
+                jobs,
+                since,
+            } => {
+                let store = self.ctx.checkpoints.clone();
+                match (store, target) {
+                    _ if now >= deadline => {
+                        warn!(%pod, ?jobs, "drain deadline passed without every checkpoint; terminating");
+                        self.ctx.metrics.checkpoint_missed.inc_by(jobs.len() as u64);
+                        self.set_phase(pod, RetirePhase::Terminate);
+                    }
+                    (Some(store), Some(target)) => {
+                        let shell = self.ctx.shell.clone();
+                        let p = pod.clone();
+                        self.busy.insert(pod.clone());
+                        self.ops.spawn(async move {
+                            OpResult {
+                                outcome: Outcome::Checkpoints(
+                                    ops::pending_checkpoints(
+                                        shell,
+                                        store,
+                                        p.clone(),
+                                        target,
+                                        jobs,
+                                        since,
+                                        s.ssh_timeout,
+                                    )
+                                    .await,
+                                ),
+                                pod: p,
+                                claim: Some(key),
+                                started: now,
+                            }
+                        });
+                    }
+                    // No store, or the pod is gone from the listing: nothing more to wait for.
+                    _ => self.set_phase(pod, RetirePhase::Terminate),
+                }
+            }
             RetirePhase::Terminate => self.spawn_terminate(Some(key), pod.clone(), now),
             RetirePhase::Confirm => self.spawn_confirm(Some(key), pod.clone(), now),
         }
@@ -956,8 +999,24 @@ impl Reconciler {
             }
             Outcome::Drained(result) => {
                 let timeout = self.ctx.settings.drain_timeout;
+                let since = self
+                    .runtime
+                    .get(&pod)
+                    .and_then(|r| r.retiring.as_ref())
+                    .map_or(started, |r| r.since);
                 match result {
-                    Ok(()) => self.set_phase(
+                    Ok(jobs) if self.ctx.checkpoints.is_some() && !jobs.is_empty() => {
+                        info!(%pod, ?jobs, "drained; waiting for the jobs' checkpoints");
+                        self.set_phase(
+                            &pod,
+                            RetirePhase::WaitCheckpoint {
+                                deadline: now.plus(timeout),
+                                jobs,
+                                since,
+                            },
+                        )
+                    }
+                    Ok(_) => self.set_phase(
                         &pod,
                         RetirePhase::WaitIdle {
                             deadline: now.plus(timeout),
@@ -967,6 +1026,19 @@ impl Reconciler {
                         warn!(%pod, error = %e, "drain failed; terminating without it");
                         self.set_phase(&pod, RetirePhase::Terminate);
                     }
+                }
+            }
+            Outcome::Checkpoints(pending) => {
+                if pending.is_empty() {
+                    info!(%pod, "every job checkpointed and verified (or finished); terminating");
+                    self.set_phase(&pod, RetirePhase::Terminate);
+                } else if let Some(RetirePhase::WaitCheckpoint { jobs, .. }) = self
+                    .runtime
+                    .get_mut(&pod)
+                    .and_then(|r| r.retiring.as_mut())
+                    .map(|r| &mut r.phase)
+                {
+                    *jobs = pending;
                 }
             }
             Outcome::Terminated(result) => match result {

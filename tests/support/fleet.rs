@@ -180,6 +180,7 @@ impl Fleet {
             claims: claims.clone(),
             clock: Arc::new(clock.clone()),
             metrics: metrics.clone(),
+            checkpoints: None,
             settings: ReconcileSettings {
                 max_pod_lifetime: cfg.max_pod_lifetime,
                 idle_command: cfg.idle_command,
