@@ -488,8 +488,11 @@ impl Worker {
             if done < self.settings.steps && (due || (checkpoints && stop.is_some())) {
                 let saved = self.checkpoint(&job, &dir, done).await;
                 if stop.is_some() {
-                    // Drained mid-job: the checkpoint carries it to the next worker.
-                    self.report_job(None);
+                    // Drained mid-job: the checkpoint carries it to the next worker. A failed
+                    // checkpoint leaves the job listed, so the reconciler keeps waiting for it.
+                    if saved {
+                        self.report_job(None);
+                    }
                     self.log(format_args!(
                         "job {job} checkpointed at step {done}/{} on drain; left for the next worker",
                         self.settings.steps
