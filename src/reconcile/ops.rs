@@ -193,10 +193,9 @@ pub trait CheckpointCheck: Send + Sync {
     ) -> Result<Option<Timestamp>, String>;
 }
 
-/// Of `jobs` (in hand when the drain began at `since`), those not yet safe: still listed on the
-/// pod and without a verified checkpoint since the drain began. A job the pod no longer lists
-/// is done (finished, or checkpointed and handed back). An unreadable pod keeps every job
-/// pending.
+/// Of `jobs` (in hand when the drain began at `since`), those not yet safe. A job is safe when
+/// a checkpoint written since the drain began is stored and verifies, or, without one, when
+/// the pod no longer lists it (it finished). An unreadable pod keeps unverified jobs pending.
 pub(super) async fn pending_checkpoints(
     shell: Arc<dyn PodShell>,
     store: Arc<dyn CheckpointCheck>,
@@ -217,11 +216,12 @@ pub(super) async fn pending_checkpoints(
         };
         let mut pending = Vec::new();
         for job in jobs {
-            if listed.as_ref().is_some_and(|l| !l.contains(&job)) {
-                continue;
-            }
+            let unlisted = listed.as_ref().is_some_and(|l| !l.contains(&job));
             match store.verified_since(&job, since).await {
+                // Checkpointed since the drain began, every part verified.
                 Ok(Some(_)) => {}
+                // No checkpoint since: safe only if the worker finished the job.
+                Ok(None) if unlisted => {}
                 Ok(None) => pending.push(job),
                 Err(e) => {
                     tracing::debug!(%job, error = %e, "checkpoint not verified yet");
