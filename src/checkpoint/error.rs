@@ -230,6 +230,9 @@ const AUTH_CODES: &[&str] = &[
     "ExpiredToken",
     "AuthorizationHeaderMalformed",
     "InvalidSecurity",
+    "NotSignedUp",
+    "AccountProblem",
+    "AllAccessDisabled",
 ];
 
 /// Codes that mean "try again later".

@@ -1083,8 +1083,20 @@ impl S3Store {
                         "reading back parts kept on their size alone"
                     );
                     let bar = Progress::new(opts.transfer.progress, 0, "verify");
-                    self.read_back(&data_key, &unproven, &opts.transfer, &bar)
-                        .await?;
+                    let checked = self
+                        .read_back(&data_key, &unproven, &opts.transfer, &bar)
+                        .await;
+                    if let Err(e) = checked {
+                        if matches!(e, CheckpointError::CorruptPart { .. }) {
+                            // Kept parts held other bytes (the directory changed since the
+                            // interrupted run): this generation is ours and worthless.
+                            let gens = self.scan_job(job).await?;
+                            if let Some(g) = gens.get(&seq) {
+                                self.delete_generation(job, seq, g).await?;
+                            }
+                        }
+                        return Err(e);
+                    }
                 }
             }
             // Still ours? (A generation is only collected once abandoned, but a writer that
