@@ -4,7 +4,7 @@
 //! Blocking code: callers run it on blocking threads.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -13,6 +13,9 @@ use sha2::{Digest, Sha256};
 
 use super::format::{check_relative_path, FileEntry};
 use super::CheckpointError;
+
+/// Downloaded data arrives in network-sized pieces; writes go out in pieces this large.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// Names at the top of a directory that are ours (a restore's staging area) and never part of
 /// a snapshot.
@@ -241,7 +244,7 @@ pub struct StreamWriter {
     staging: PathBuf,
     files: Vec<FileEntry>,
     index: usize,
-    open: Option<(File, u64)>,
+    open: Option<(BufWriter<File>, u64)>,
     hasher: Sha256,
 }
 
@@ -278,7 +281,7 @@ impl StreamWriter {
             }
             let file =
                 File::create(&path).map_err(|e| CheckpointError::io("creating", &path, e))?;
-            self.open = Some((file, f.size));
+            self.open = Some((BufWriter::with_capacity(WRITE_BUFFER, file), f.size));
             if f.size == 0 {
                 self.finish_file()?;
             }
@@ -291,7 +294,10 @@ impl StreamWriter {
         let path = self.staging.join(&f.path);
         // Written through the page cache, not fsync'd: the store stays the source of truth and a
         // restore interrupted by a crash is simply run again.
-        self.open = None;
+        if let Some((mut file, _)) = self.open.take() {
+            file.flush()
+                .map_err(|e| CheckpointError::io("writing", &path, e))?;
+        }
         let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
         if actual != f.sha256 {
             return Err(CheckpointError::Local {

@@ -56,13 +56,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Racing writers each take the next seq after losing one; this many losses in a row means
 /// something else is wrong (e.g. a server answering every conditional write with 412).
 const MAX_CLAIM_ATTEMPTS: u32 = 16;
+/// Whole checkpoint attempts: a lost race or an unusable continued upload costs a fresh
+/// generation; three make a repeated loss vanishingly unlikely while bounding the work.
+const MAX_CHECKPOINT_ATTEMPTS: u32 = 3;
 /// Chunks the reader may have ready beyond those being uploaded: one keeps the network busy
 /// while the next is read and hashed, without holding more parts in memory.
 const READ_AHEAD: usize = 1;
+/// Downloaded parts queued for the file writer: enough to absorb a slow write without holding
+/// much more than the parts in flight.
+const WRITE_AHEAD: usize = 4;
 /// Keys per `ListObjectsV2` page (S3's maximum).
 const LIST_PAGE: i32 = 1000;
 
-/// The checkpoint store on S3 or an S3-compatible server.
+/// The checkpoint store on S3 or an S3-compatible server. Clones share the client.
+#[derive(Clone)]
 pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -106,6 +113,29 @@ impl Intercept for SignedPayload {
         cfg.interceptor_state()
             .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
         Ok(())
+    }
+}
+
+/// A spawned task aborted when its handle is dropped (a failed or cancelled transfer stops its
+/// other parts), yielding its result or a join error.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<T, CheckpointError>>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, CheckpointError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(join_error).and_then(|r| r))
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -692,37 +722,43 @@ impl S3Store {
             let created = self
                 .put_if_absent(&self.layout.claim(job, seq), Bytes::from(body))
                 .await;
-            match created {
-                Ok(true) => {
-                    debug!(job, seq, "claimed");
-                    return Ok(Held {
-                        claim,
-                        listed: HashMap::new(),
-                        completed: false,
-                        resumed: false,
-                    });
-                }
-                Ok(false) => {
-                    *conflicts += 1;
-                    info!(
-                        job,
-                        seq, "another writer claimed this generation first; taking the next"
-                    );
-                    if let Some(id) = &claim.upload_id {
-                        if let Err(e) = self.abort_upload(&data_key, id).await {
-                            warn!(error = %e, "aborting the upload of a lost claim");
-                        }
-                    }
-                    let highest = self.scan_job(job).await?.keys().next_back().copied();
-                    next_seq = (seq + 1).max(highest.map_or(1, |h| h + 1));
-                }
+            // Read back: a server whose conditional create is not atomic with the write (s3s-fs
+            // checks, then renames) can let two racing creates both "succeed"; the claim holds
+            // the last one.
+            let won = match created {
+                Ok(true) => self
+                    .get_claim(job, seq)
+                    .await?
+                    .is_some_and(|c| c.token == claim.token),
+                Ok(false) => false,
                 Err(e) => {
                     if let Some(id) = &claim.upload_id {
                         let _ = self.abort_upload(&data_key, id).await;
                     }
                     return Err(e);
                 }
+            };
+            if won {
+                debug!(job, seq, "claimed");
+                return Ok(Held {
+                    claim,
+                    listed: HashMap::new(),
+                    completed: false,
+                    resumed: false,
+                });
             }
+            *conflicts += 1;
+            info!(
+                job,
+                seq, "another writer claimed this generation first; taking the next"
+            );
+            if let Some(id) = &claim.upload_id {
+                if let Err(e) = self.abort_upload(&data_key, id).await {
+                    warn!(error = %e, "aborting the upload of a lost claim");
+                }
+            }
+            let highest = self.scan_job(job).await?.keys().next_back().copied();
+            next_seq = (seq + 1).max(highest.map_or(1, |h| h + 1));
         }
         Err(CheckpointError::Conflict {
             job: job.to_owned(),
@@ -886,9 +922,9 @@ impl S3Store {
     }
 
     /// One chunk of `key`, read with a ranged GET and checked against its hash.
-    async fn fetch_chunk(&self, key: &str, c: &Chunk) -> Result<Bytes, CheckpointError> {
+    async fn fetch_chunk(&self, key: &str, c: &Chunk) -> Result<Vec<Bytes>, CheckpointError> {
         let range = format!("bytes={}-{}", c.offset, c.offset + c.size - 1);
-        let out = self
+        let mut out = self
             .call(
                 "GetObject",
                 key,
@@ -900,33 +936,27 @@ impl S3Store {
                     .send(),
             )
             .await?;
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| CheckpointError::Transient {
+        // Hashed as it arrives, kept as the segments it came in (no copy into one buffer).
+        let mut hasher = Sha256::new();
+        let mut segments = Vec::new();
+        let mut got = 0u64;
+        while let Some(seg) = out.body.next().await {
+            let seg = seg.map_err(|e| CheckpointError::Transient {
                 op: "GetObject",
                 code: "body".into(),
                 message: e.to_string(),
-            })?
-            .into_bytes();
-        if bytes.len() as u64 != c.size {
+            })?;
+            hasher.update(&seg);
+            got += seg.len() as u64;
+            segments.push(seg);
+        }
+        if got != c.size {
             return Err(CheckpointError::MissingObject {
                 key: key.to_owned(),
-                detail: format!(
-                    "part {} came back with {} of {} bytes",
-                    c.part,
-                    bytes.len(),
-                    c.size
-                ),
+                detail: format!("part {} came back with {got} of {} bytes", c.part, c.size),
             });
         }
-        let (bytes, actual) = tokio::task::spawn_blocking(move || {
-            let h = hex::encode(Sha256::digest(&bytes));
-            (bytes, h)
-        })
-        .await
-        .map_err(join_error)?;
+        let actual = hex::encode(hasher.finalize());
         if actual != c.sha256 {
             return Err(CheckpointError::CorruptPart {
                 key: key.to_owned(),
@@ -935,7 +965,7 @@ impl S3Store {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(segments)
     }
 
     /// The data object exists with the manifest's size.
@@ -1104,11 +1134,17 @@ impl S3Store {
             match self.get_claim(job, seq).await? {
                 Some(c) if c.token == token => {}
                 _ => {
+                    // Our data object is ours alone (named by our token): remove it.
+                    if snap.total > 0 {
+                        if let Err(e) = self.delete(&data_key).await {
+                            warn!(error = %e, "removing the data of a lost generation");
+                        }
+                    }
                     return Err(CheckpointError::Conflict {
                         job: job.to_owned(),
                         seq,
                         detail: "its claim was replaced or collected while uploading".into(),
-                    })
+                    });
                 }
             }
             let manifest = Manifest {
@@ -1138,16 +1174,16 @@ impl S3Store {
                     detail: "a manifest already exists for it".into(),
                 });
             }
-            if !self.conditional_create_supported().await? {
-                // Without conditional creates a racing writer may have overwritten ours.
-                let back = self.read_manifest(job, seq).await?;
-                if back.as_ref().map(|m| m.token.as_str()) != Some(token.as_str()) {
-                    return Err(CheckpointError::Conflict {
-                        job: job.to_owned(),
-                        seq,
-                        detail: "another writer's manifest replaced ours".into(),
-                    });
-                }
+            // Read back: without an atomic conditional create a racing writer may have
+            // replaced ours (the store warns once when the server ignores If-None-Match).
+            self.conditional_create_supported().await?;
+            let back = self.read_manifest(job, seq).await?;
+            if back.as_ref().map(|m| m.token.as_str()) != Some(token.as_str()) {
+                return Err(CheckpointError::Conflict {
+                    job: job.to_owned(),
+                    seq,
+                    detail: "another writer's manifest replaced ours".into(),
+                });
             }
             let uploaded = parts.iter().filter(|d| !d.skipped).count();
             let outcome = CheckpointOutcome {
@@ -1333,19 +1369,32 @@ impl CheckpointStore for S3Store {
                 "the writer (pod id or host) is empty".into(),
             ));
         }
-        let mut outcome = match self.try_checkpoint(job, dir, opts, true).await {
-            // A continued upload that turned out unusable (its upload was aborted, or kept
-            // parts hold other bytes than the directory now does): start a fresh generation.
-            Err(e @ (CheckpointError::CorruptPart { .. } | CheckpointError::Auth { .. }))
-                if !opts.transfer.cancel.is_cancelled() =>
+        let mut allow_continue = true;
+        let mut attempt = 1;
+        let mut outcome = loop {
+            let err = match self.try_checkpoint(job, dir, opts, allow_continue).await {
+                Ok(o) => break o,
+                Err(e) => e,
+            };
+            // Worth a fresh generation: a race lost to another writer, or a continued upload
+            // that turned out unusable (aborted meanwhile, or kept parts holding other bytes
+            // than the directory now does).
+            let fresh_helps = match &err {
+                CheckpointError::Conflict { .. } => true,
+                CheckpointError::CorruptPart { .. } | CheckpointError::Auth { .. } => {
+                    allow_continue
+                }
+                e => allow_continue && e.code() == Some("NoSuchUpload"),
+            };
+            if !fresh_helps
+                || attempt >= MAX_CHECKPOINT_ATTEMPTS
+                || opts.transfer.cancel.is_cancelled()
             {
-                warn!(error = %e, "continuing the unfinished upload failed; starting a new generation");
-                self.try_checkpoint(job, dir, opts, false).await?
+                return Err(err);
             }
-            Err(CheckpointError::S3 { code, .. }) if code == "NoSuchUpload" => {
-                self.try_checkpoint(job, dir, opts, false).await?
-            }
-            other => other?,
+            warn!(error = %err, attempt, "checkpoint attempt failed; writing a new generation");
+            allow_continue = false;
+            attempt += 1;
         };
         match self.gc(Some(job), &GcOptions::default()).await {
             Ok(r) => outcome.pruned = r.removed.len(),
@@ -1401,15 +1450,17 @@ impl CheckpointStore for S3Store {
                 .await
                 .map_err(join_error)??;
             }
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_AHEAD);
             let writer = {
                 let staging = staging.clone();
                 let dirs = manifest.dirs.clone();
                 let files = manifest.files.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut w = StreamWriter::new(&staging, &dirs, &files)?;
-                    while let Some(b) = rx.blocking_recv() {
-                        w.write(&b)?;
+                    while let Some(segments) = rx.blocking_recv() {
+                        for seg in segments {
+                            w.write(&seg)?;
+                        }
                     }
                     w.finish()
                 })
@@ -1417,11 +1468,15 @@ impl CheckpointStore for S3Store {
             let bar = Progress::new(opts.progress, manifest.total_size, "download");
             let download = async {
                 let Some(key) = &key else { return Ok(()) };
+                // Each part is its own task: downloads go on while the writer is busy.
                 let mut gets = stream::iter(manifest.chunks.clone())
-                    .map(|c| async move {
-                        let b = self.fetch_chunk(key, &c).await?;
-                        opts.emit(TransferEvent::PartVerified { part: c.part });
-                        Ok::<_, CheckpointError>(b)
+                    .map(|c| {
+                        let store = self.clone();
+                        let key = key.clone();
+                        AbortOnDrop(tokio::spawn(async move {
+                            let segments = store.fetch_chunk(&key, &c).await?;
+                            Ok::<_, CheckpointError>((c, segments))
+                        }))
                     })
                     .buffered(self.parallelism);
                 loop {
@@ -1431,13 +1486,13 @@ impl CheckpointStore for S3Store {
                         next = gets.next() => match next {
                             None => return Ok(()),
                             Some(r) => {
-                                let b = r?;
-                                let n = b.len() as u64;
-                                if tx.send(b).await.is_err() {
+                                let (c, segments) = r?;
+                                opts.emit(TransferEvent::PartVerified { part: c.part });
+                                if tx.send(segments).await.is_err() {
                                     // The writer stopped: its error says why.
                                     return Ok(());
                                 }
-                                bar.inc(n);
+                                bar.inc(c.size);
                             }
                         },
                     }
