@@ -37,8 +37,11 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     std::fs::write(p, data).unwrap();
 }
 
-/// Every file under `root` (relative path → (bytes, mode)) and every directory.
-fn tree(root: &Path) -> (BTreeMap<String, (Vec<u8>, u32)>, Vec<String>) {
+/// Relative path → (bytes, mode).
+type Files = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// Every file under `root` and every directory.
+fn tree(root: &Path) -> (Files, Vec<String>) {
     use std::os::unix::fs::PermissionsExt;
     let mut files = BTreeMap::new();
     let mut dirs = Vec::new();

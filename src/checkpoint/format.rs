@@ -451,7 +451,7 @@ mod tests {
         // 1 TiB at 8 MiB would be 131,072 parts: grown to fit 10,000.
         let big = 1u64 << 40;
         let c = chunk_size_for(big, 8 * MIB);
-        assert!(big.div_ceil(c) <= MAX_PARTS && c % MIB == 0, "{c}");
+        assert!(big.div_ceil(c) <= MAX_PARTS && c.is_multiple_of(MIB), "{c}");
         assert!(chunk_layout(big, 8 * MIB).is_none());
         assert!(chunk_layout(1, 0).is_none());
     }

@@ -64,7 +64,7 @@ const MAX_CHECKPOINT_ATTEMPTS: u32 = 3;
 const READ_AHEAD: usize = 1;
 /// Downloaded parts queued for the file writer: enough to absorb a slow write without holding
 /// much more than the parts in flight.
-const WRITE_AHEAD: usize = 4;
+const WRITE_AHEAD: usize = 2;
 /// Keys per `ListObjectsV2` page (S3's maximum).
 const LIST_PAGE: i32 = 1000;
 
