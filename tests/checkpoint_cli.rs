@@ -72,6 +72,7 @@ async fn agent_commands_checkpoint_and_resume_with_documented_exit_codes() {
         .args(store);
     let (code, stdout, err) = run(c);
     assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "not a terminal, yet stderr has: {err}");
     let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(line["event"], "checkpoint");
     assert_eq!(
@@ -93,6 +94,26 @@ async fn agent_commands_checkpoint_and_resume_with_documented_exit_codes() {
         vec![42u8; 3 * 1024 * 1024]
     );
     assert_eq!(std::fs::read(out.path().join("step")).unwrap(), b"1200\n");
+
+    // On a terminal (a pseudo-terminal from util-linux `script`): a progress bar.
+    let cmd = format!(
+        "{} agent checkpoint --job job-tty --writer w --bucket {BUCKET} --prefix cli --dir {}",
+        env!("CARGO_BIN_EXE_runpod-autoscaler"),
+        src.path().display()
+    );
+    let mut c = Command::new("script");
+    c.env_clear()
+        .env("HOME", home.path())
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .envs(s3.aws_env())
+        .args(["-qec", &cmd, "/dev/null"]);
+    let (code, tty, _) = run(c);
+    assert_eq!(code, 0, "{tty}");
+    assert!(
+        tty.contains("upload") && tty.contains("MiB"),
+        "no progress bar: {tty}"
+    );
 
     // Bad input: exit 2, naming the problem.
     let mut c = binary(&s3, home.path());

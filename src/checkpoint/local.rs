@@ -379,6 +379,9 @@ pub fn commit_staging(
     dirs: &[String],
     files: &[FileEntry],
 ) -> Result<(), CheckpointError> {
+    for rel in dirs.iter().chain(files.iter().map(|f| &f.path)) {
+        refuse_symlinked_parents(target, rel)?;
+    }
     for d in dirs {
         let p = target.join(d);
         if p.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
@@ -404,6 +407,31 @@ pub fn commit_staging(
             });
         }
         fs::rename(&from, &to).map_err(|e| CheckpointError::io("moving into place", &to, e))?;
+    }
+    Ok(())
+}
+
+/// A restore never writes through a symlink already in the target (`target/a -> /etc` must not
+/// turn `a/passwd` into `/etc/passwd`).
+fn refuse_symlinked_parents(target: &Path, rel: &str) -> Result<(), CheckpointError> {
+    let mut at = target.to_owned();
+    let mut parts = rel.split('/').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            break;
+        }
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(CheckpointError::Local {
+                    path: at,
+                    problem: "is a symlink in the restore target; the checkpoint has a directory                               there and will not write through it: remove the symlink"
+                        .into(),
+                })
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
     }
     Ok(())
 }
@@ -491,5 +519,26 @@ mod tests {
         assert!(e.contains("changed while"), "{e}");
         let e = scan(&src.path().join("z")).unwrap_err().to_string();
         assert!(e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_restore_does_not_write_through_a_symlink_of_the_target() {
+        let src = tree();
+        let snap = scan(src.path()).unwrap();
+        let mut r = StreamReader::new(&snap);
+        let all = r.read_chunk(100).unwrap();
+        let entries = r.finish().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), out.path().join("sub")).unwrap();
+        let staging = out.path().join(".rpa-restore.x");
+        let mut w = StreamWriter::new(&staging, &snap.dirs, &entries).unwrap();
+        w.write(&all).unwrap();
+        w.finish().unwrap();
+        let e = commit_staging(&staging, out.path(), &snap.dirs, &entries)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(fs::read_dir(elsewhere.path()).unwrap().next().is_none());
     }
 }
