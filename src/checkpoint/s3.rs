@@ -1060,8 +1060,19 @@ impl S3Store {
             let (files, parts) = self
                 .upload_stream(&data_key, &held, &snap, &opts.transfer)
                 .await?;
-            let chunks: Vec<Chunk> = chunk_layout(snap.total, chunk_size)
-                .unwrap_or_default()
+            let layout = chunk_layout(snap.total, chunk_size).unwrap_or_default();
+            if layout.len() != parts.len() {
+                return Err(CheckpointError::Local {
+                    path: dir.to_owned(),
+                    problem: format!(
+                        "{} of {} parts were read; the directory shrank while it was being \
+                         checkpointed",
+                        parts.len(),
+                        layout.len()
+                    ),
+                });
+            }
+            let chunks: Vec<Chunk> = layout
                 .into_iter()
                 .zip(&parts)
                 .map(|((part, offset, size), d)| Chunk {
