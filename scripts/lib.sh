@@ -91,3 +91,17 @@ ensure_sshd() {
   log "installing openssh-server (sshd for emulated pods)"
   apt_install openssh-server
 }
+
+# ensure_s3s: s3s-fs 0.14.1, an S3-compatible server on a local directory (the MinIO stand-in
+# for the checkpoint tests and bench: SigV4, multipart, ranged GETs, conditional create), built
+# once into .tools/s3s (~3 min on 2 cores; 0.15+ needs a newer rustc than the project's
+# rust-version). Exports RPA_S3S_BIN.
+ensure_s3s() {
+  local root="$ROOT/.tools/s3s"
+  local bin="$root/bin/s3s-fs"
+  if [ ! -x "$bin" ]; then
+    log "installing s3s-fs 0.14.1 into .tools/s3s (cargo install; a few minutes)"
+    cargo install --quiet s3s-fs@0.14.1 --features binary --locked --root "$root"
+  fi
+  export RPA_S3S_BIN="$bin"
+}

@@ -10,10 +10,12 @@ ensure_build_deps
 ensure_venv
 # Real components for the integration tests: a tansu broker and Prometheus (exports
 # RPA_TANSU_BIN and RPA_PROMETHEUS_BIN, which the tests require) and OpenSSH's sshd (the
-# stand-in for a RunPod pod's sshd in the emulator).
+# stand-in for a RunPod pod's sshd in the emulator) and s3s-fs, the S3-compatible store of the
+# checkpoint tests (exports RPA_S3S_BIN).
 ensure_tansu
 ensure_prometheus
 ensure_sshd
+ensure_s3s
 
 log "building"
 cargo build --locked --no-default-features --bin runpod-autoscaler && if ./target/debug/runpod-autoscaler emulator --help >/dev/null 2>&1; then echo "built without the emulator feature, the binary still has an emulator subcommand" >&2; exit 1; fi

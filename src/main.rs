@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+mod checkpoint_cli;
 mod cli;
 
 use runpod_autoscaler::clock::SystemClock;
@@ -112,6 +113,17 @@ enum Command {
         #[command(subcommand)]
         command: PodsCommand,
     },
+    /// Run on a pod by the GPU worker: checkpoint a job's directory to the store, or resume
+    /// the latest checkpoint (exit 3: nothing to resume).
+    Agent {
+        #[command(subcommand)]
+        command: checkpoint_cli::AgentCommand,
+    },
+    /// The checkpoint store: list generations, show a manifest, garbage-collect.
+    Checkpoint {
+        #[command(subcommand)]
+        command: checkpoint_cli::CheckpointCommand,
+    },
     /// Call the scaler like KEDA does (GetMetricSpec, GetMetrics, IsActive) and print answers.
     ScalerProbe {
         /// Scaler address, e.g. http://127.0.0.1:9090.
@@ -181,6 +193,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::CheckConfig { file } => return check_config(&file),
+        Command::Agent { command } => return checkpoint_cli::agent(command),
+        Command::Checkpoint { command } => return checkpoint_cli::operator(command),
         Command::Serve {
             config,
             grpc_addr,

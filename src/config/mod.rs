@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod checkpoint;
 mod reconcile;
 
+pub use checkpoint::{byte_size, CheckpointConfig};
 pub use reconcile::{
     public_key_path, JoinConfig, JoinMode, KubeTemplate, Mode, OfferConfig, ReconcileConfig,
 };
@@ -74,6 +76,9 @@ pub struct Config {
     /// What may be bought, cheapest effective price first; empty: `policy.gpu_type` on demand.
     #[serde(default)]
     pub offers: Vec<OfferConfig>,
+    /// Where GPU jobs checkpoint to (S3-compatible store); absent: no checkpoint store.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
 }
 
 /// Listeners and loop timing.
@@ -728,6 +733,9 @@ impl Config {
             &self.offers,
             self.runpod.api_key.as_ref().is_some_and(|k| !k.is_empty()),
         )?;
+        if let Some(c) = &self.checkpoint {
+            c.validate()?;
+        }
         if let Some(tls) = &self.service.tls {
             for (key, path) in [
                 ("service.tls.cert_file", Some(&tls.cert_file)),

@@ -23,8 +23,8 @@ OWNERS = {
     "tonic_health": {"scaler"},
     "prost": {"proto"},
     "rustls": {"tls"},
-    # Fault draws in the emulator, retry jitter in the RunPod client.
-    "rand": {"emulator", "provider"},
+    # Fault draws in the emulator, retry jitter in the RunPod client, checkpoint writer tokens.
+    "rand": {"emulator", "provider", "checkpoint"},
     "figment": {"config"},
     "prometheus_client": {"telemetry"},
     # Two HTTP servers: the service's endpoints and the emulator's API.
@@ -32,12 +32,18 @@ OWNERS = {
     "csv": {"simulate"},
     "graphql_parser": {"emulator"},
     "redb": {"reconcile"},
+    # The checkpoint store: S3 client, its configuration chain, HTTP client, signing, progress.
+    "aws_sdk_s3": {"checkpoint"},
+    "aws_config": {"checkpoint"},
+    "aws_smithy_http_client": {"checkpoint"},
+    "aws_runtime": {"checkpoint"},
+    "indicatif": {"checkpoint"},
 }
 
 
 def module_of(path: Path) -> str:
     rel = path.relative_to(SRC)
-    if rel.parts[0] in ("lib.rs", "main.rs", "cli.rs"):
+    if rel.parts[0] in ("lib.rs", "main.rs", "cli.rs", "checkpoint_cli.rs"):
         return "<root>" if rel.parts[0] == "lib.rs" else "<bin>"
     return rel.parts[0].removesuffix(".rs")
 

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "emulator")]
 pub mod fleet;
+pub mod s3;
 pub mod service;
 
 use std::future::Future;
