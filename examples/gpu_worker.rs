@@ -18,7 +18,7 @@
 //! | `STEPS_PER_JOB` | no (1) | a job is this many steps of `WORK_MS_PER_JOB` each |
 //! | `CHECKPOINT_EVERY` | no (0: never) | checkpoint the job every this many steps, and on drain |
 //! | `RPA_AGENT` | no (`runpod-autoscaler`) | the binary whose `agent checkpoint`/`agent resume` store checkpoints |
-//! | `CHECKPOINT_STORE_ARGS` | no | extra arguments for those commands (e.g. `--config /etc/rpa.toml`) |
+//! | `CHECKPOINT_STORE_ARGS` | no | extra arguments for those commands (e.g. `--config /etc/rpa.toml`); the reconciler instead passes the store in the environment the agent reads (`RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET`, `…__PREFIX`, `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`) |
 //! | `RPA_JOBS_FILE` | no (`$HOME/.runpod-autoscaler/jobs`) | the job in hand, one id per line, for the reconciler |
 //!
 //! With checkpoints on, a job (id `<topic>-<partition>-<offset>`) first resumes from its latest

@@ -38,10 +38,10 @@ pub struct StoreArgs {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Bucket (overrides checkpoint.bucket); with it no configuration file is needed.
-    #[arg(long)]
+    #[arg(long, env = "RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET")]
     bucket: Option<String>,
     /// Key prefix (overrides checkpoint.prefix).
-    #[arg(long)]
+    #[arg(long, env = "RUNPOD_AUTOSCALER__CHECKPOINT__PREFIX")]
     prefix: Option<String>,
 }
 

@@ -15,6 +15,7 @@ use tracing::info;
 mod checkpoint_cli;
 mod cli;
 
+use runpod_autoscaler::checkpoint::S3Store;
 use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::{public_key_path, Config, JoinMode, LogFormat, Mode};
 use runpod_autoscaler::decide::PolicyKind;
@@ -25,7 +26,9 @@ use runpod_autoscaler::proto::external_scaler_client::ExternalScalerClient;
 use runpod_autoscaler::proto::{GetMetricsRequest, ScaledObjectRef};
 use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::reconcile::claims::RedbClaims;
-use runpod_autoscaler::reconcile::{Context as ReconcileContext, ReconcileSettings, Reconciler};
+use runpod_autoscaler::reconcile::{
+    CheckpointCheck, Context as ReconcileContext, ReconcileSettings, Reconciler, StoreCheck,
+};
 use runpod_autoscaler::scaler::TlsMaterial;
 use runpod_autoscaler::service::{self, ServiceParts};
 use runpod_autoscaler::simulate::{self, SimParams, Trace};
@@ -280,6 +283,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: a log file or pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -334,7 +339,7 @@ async fn serve(
     let metrics = Arc::new(Metrics::new());
     let reconciler = match config.reconcile.mode {
         Mode::Advisory => None,
-        Mode::Active => Some(reconciler(&config, metrics.clone(), shutdown.clone())?),
+        Mode::Active => Some(reconciler(&config, metrics.clone(), shutdown.clone()).await?),
     };
     let running = service::start(
         ServiceParts {
@@ -377,7 +382,7 @@ async fn serve(
 
 /// The reconciler a configuration in active mode describes: the RunPod client, SSH with the
 /// configured key, and the claim store in `reconcile.state_dir`.
-fn reconciler(
+async fn reconciler(
     config: &Config,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -417,13 +422,22 @@ fn reconciler(
     let provider = RunPodClient::new(RunPodSettings::from_config(&config.runpod))
         .context("creating the RunPod client")?
         .with_shutdown(shutdown);
+    let checkpoints: Option<Arc<dyn CheckpointCheck>> = match &config.checkpoint {
+        Some(c) => {
+            let store = S3Store::connect(c)
+                .await
+                .context("connecting to the checkpoint store ([checkpoint])")?;
+            Some(Arc::new(StoreCheck::new(Arc::new(store))))
+        }
+        None => None,
+    };
     let ctx = Arc::new(ReconcileContext {
         provider: Arc::new(provider),
         shell: Arc::new(shell),
         claims: Arc::new(claims),
         clock: Arc::new(SystemClock),
         metrics,
-        checkpoints: None,
+        checkpoints,
         settings: ReconcileSettings::from_config(config, public_key, token),
     });
     Reconciler::new(ctx).context("reading the claim store")

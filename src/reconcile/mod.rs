@@ -12,6 +12,6 @@ mod reconciler;
 mod settings;
 
 pub use observe::PodObserver;
-pub use ops::CheckpointCheck;
+pub use ops::{CheckpointCheck, StoreCheck};
 pub use reconciler::{Context, FleetEntry, Reconciler, TickReport};
 pub use settings::ReconcileSettings;

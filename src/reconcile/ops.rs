@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tracing::{info_span, Instrument};
 
+use crate::checkpoint::CheckpointStore;
 use crate::join::pod::{
     bootstrap_outcome, check_gpus, drain_signal, parse_gpus, parse_jobs, read_jobs, run_once,
     BootstrapOutcome, PodShell,
@@ -193,6 +194,57 @@ pub trait CheckpointCheck: Send + Sync {
     ) -> Result<Option<Timestamp>, String>;
 }
 
+/// [`CheckpointCheck`] over the checkpoint store: the newest manifest of the job, if written
+/// since the time asked, with every part read back and hashed. A verified generation is
+/// remembered, so a draining pod's job is verified once, not at every tick.
+pub struct StoreCheck {
+    store: Arc<dyn CheckpointStore>,
+    verified: std::sync::Mutex<std::collections::BTreeSet<(String, u64)>>,
+}
+
+impl StoreCheck {
+    /// Checks against `store`.
+    pub fn new(store: Arc<dyn CheckpointStore>) -> Self {
+        StoreCheck {
+            store,
+            verified: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CheckpointCheck for StoreCheck {
+    async fn verified_since(
+        &self,
+        job: &str,
+        since: Timestamp,
+    ) -> Result<Option<Timestamp>, String> {
+        let Some(manifest) = self.store.latest(job).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if manifest.created < since {
+            return Ok(None);
+        }
+        let key = (manifest.job.clone(), manifest.seq);
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if !known {
+            self.store
+                .verify(&manifest)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+        }
+        Ok(Some(manifest.created))
+    }
+}
+
 /// Of `jobs` (in hand when the drain began at `since`), those not yet safe. A job is safe when
 /// a checkpoint written since the drain began is stored and verifies, or, without one, when
 /// the pod no longer lists it (it finished). An unreadable pod keeps unverified jobs pending.
@@ -271,4 +323,102 @@ pub(super) async fn bounded<T>(
             op: op.into(),
             deadline: timeout,
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join::ExecOutput;
+
+    /// A pod whose jobs file holds `jobs`, or that cannot be reached (`None`).
+    struct Jobs(Option<&'static str>);
+
+    #[async_trait::async_trait]
+    impl PodShell for Jobs {
+        async fn run(
+            &self,
+            _pod: &str,
+            target: &SshTarget,
+            command: &str,
+            timeout: Duration,
+        ) -> Result<ExecOutput, JoinError> {
+            assert_eq!(command, read_jobs());
+            match self.0 {
+                Some(jobs) => Ok(ExecOutput {
+                    exit_status: Some(0),
+                    stdout: jobs.as_bytes().to_vec(),
+                    stderr: Vec::new(),
+                }),
+                None => Err(JoinError::Timeout {
+                    addr: format!("{}:{}", target.host, target.port),
+                    after: timeout,
+                }),
+            }
+        }
+        fn forget(&self, _pod: &str) {}
+    }
+
+    /// Verified checkpoints: job → creation time; `"broken"` fails verification.
+    struct Store(&'static [(&'static str, u64)]);
+
+    #[async_trait::async_trait]
+    impl CheckpointCheck for Store {
+        async fn verified_since(
+            &self,
+            job: &str,
+            since: Timestamp,
+        ) -> Result<Option<Timestamp>, String> {
+            if job == "broken" {
+                return Err("part 0: sha256 mismatch".into());
+            }
+            Ok(self
+                .0
+                .iter()
+                .find(|(j, _)| *j == job)
+                .map(|(_, t)| Timestamp::from_millis(*t))
+                .filter(|t| *t >= since))
+        }
+    }
+
+    async fn pending(shell: Jobs, store: Store, jobs: &[&str]) -> Vec<String> {
+        pending_checkpoints(
+            Arc::new(shell),
+            Arc::new(store),
+            PodId::from("pod-1"),
+            SshTarget {
+                host: "127.0.0.1".into(),
+                port: 22,
+                user: "root".into(),
+            },
+            jobs.iter().map(|j| (*j).to_owned()).collect(),
+            Timestamp::from_millis(1_000),
+            Duration::from_secs(1),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_job_is_safe_once_checkpointed_since_the_drain_or_finished() {
+        // Checkpointed after the drain began: safe even though still listed.
+        assert!(pending(Jobs(Some("a\n")), Store(&[("a", 1_500)]), &["a"])
+            .await
+            .is_empty());
+        // Only an older checkpoint, still listed: pending.
+        assert_eq!(
+            pending(Jobs(Some("a\n")), Store(&[("a", 900)]), &["a"]).await,
+            ["a"]
+        );
+        // No checkpoint and no longer listed: it finished.
+        assert!(pending(Jobs(Some("")), Store(&[]), &["a"]).await.is_empty());
+        // A checkpoint that fails verification keeps the job pending, listed or not.
+        assert_eq!(
+            pending(Jobs(Some("")), Store(&[]), &["broken"]).await,
+            ["broken"]
+        );
+        // An unreachable pod cannot show a job finished: only checkpoints count.
+        assert_eq!(
+            pending(Jobs(None), Store(&[("b", 2_000)]), &["a", "b"]).await,
+            ["a"]
+        );
+    }
 }

@@ -102,6 +102,31 @@ impl ReconcileSettings {
                         env.insert("KAFKA_TOPIC".into(), Secret::new(k.topics.join(",")));
                     }
                 }
+                if let Some(ck) = &c.checkpoint {
+                    // The worker's agent commands reach the same store.
+                    env.insert(
+                        "RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET".into(),
+                        Secret::new(ck.bucket.clone()),
+                    );
+                    if !ck.prefix.is_empty() {
+                        env.insert(
+                            "RUNPOD_AUTOSCALER__CHECKPOINT__PREFIX".into(),
+                            Secret::new(ck.prefix.clone()),
+                        );
+                    }
+                    if let Some(e) = &ck.endpoint {
+                        env.insert("AWS_ENDPOINT_URL".into(), Secret::new(e.clone()));
+                    }
+                    if let Some(r) = &ck.region {
+                        env.insert("AWS_REGION".into(), Secret::new(r.clone()));
+                    }
+                    if let Some(k) = &ck.access_key_id {
+                        env.insert("AWS_ACCESS_KEY_ID".into(), Secret::new(k.clone()));
+                    }
+                    if let Some(s) = &ck.secret_access_key {
+                        env.insert("AWS_SECRET_ACCESS_KEY".into(), s.clone());
+                    }
+                }
                 for (k, v) in &j.worker_env {
                     env.insert(k.clone(), Secret::new(v.clone()));
                 }
