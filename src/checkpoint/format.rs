@@ -22,7 +22,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MAX_PARTS: u64 = 10_000;
 /// Longest job id: keys stay far below S3's 1024-byte limit with the prefix and the seq.
 pub const MAX_JOB_LEN: usize = 128;
-/// Seqs are zero-padded to this many digits so that keys sort in seq order.
+/// Seqs are zero-padded to this many digits (a u64 has at most 20) so that keys sort in seq
+/// order.
 const SEQ_DIGITS: usize = 20;
 
 /// One regular file of the snapshot.

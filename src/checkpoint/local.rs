@@ -14,8 +14,10 @@ use sha2::{Digest, Sha256};
 use super::format::{check_relative_path, FileEntry};
 use super::CheckpointError;
 
-/// Downloaded data arrives in network-sized pieces; writes go out in pieces this large.
-const WRITE_BUFFER: usize = 1 << 20;
+/// Downloaded data arrives in network-sized pieces (hyper reads up to ~400 KiB at a time):
+/// pieces at least this large are written as they are, smaller ones gathered to this size, so
+/// few bytes are copied and few writes are small.
+const WRITE_BUFFER: usize = 128 << 10;
 
 /// Names at the top of a directory that are ours (a restore's staging area) and never part of
 /// a snapshot.
