@@ -223,31 +223,22 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 /// The store `args` describe.
 async fn open(args: &StoreArgs) -> Result<S3Store> {
-    let from_file = match &args.config {
-        Some(path) => CheckpointConfig::load_section(path)?,
-        None => None,
+    let loaded = CheckpointConfig::load_section(
+        args.config.as_deref(),
+        args.bucket.as_deref(),
+        args.prefix.as_deref(),
+    )?;
+    let Some(cfg) = loaded else {
+        let why = match &args.config {
+            Some(p) => format!("{} has no [checkpoint] table", p.display()),
+            None => "no store given".into(),
+        };
+        return Err(anyhow!(CheckpointError::InvalidSettings(format!(
+            "{why}: pass --bucket B (endpoint and credentials from AWS_ENDPOINT_URL, \
+             AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or --config FILE with a [checkpoint] \
+             table"
+        ))));
     };
-    let mut cfg = match (from_file, &args.bucket) {
-        (Some(c), _) => c,
-        (None, Some(bucket)) => CheckpointConfig::for_bucket(bucket.clone()),
-        (None, None) => {
-            let why = match &args.config {
-                Some(p) => format!("{} has no [checkpoint] table", p.display()),
-                None => "no store given".into(),
-            };
-            return Err(anyhow!(CheckpointError::InvalidSettings(format!(
-                "{why}: pass --bucket B (endpoint and credentials from AWS_ENDPOINT_URL, \
-                 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or --config FILE with a [checkpoint] \
-                 table"
-            ))));
-        }
-    };
-    if let Some(b) = &args.bucket {
-        cfg.bucket = b.clone();
-    }
-    if let Some(p) = &args.prefix {
-        cfg.prefix = p.clone();
-    }
     cfg.validate()?;
     Ok(S3Store::connect(&cfg).await?)
 }

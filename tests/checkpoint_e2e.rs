@@ -27,6 +27,9 @@ use support::{even_commits, example_binary, Tansu};
 const KEY: &str = "rpa_ckpt_e2e_key";
 const STEPS: u64 = 24;
 const EVERY: u64 = 4;
+/// Steps of a job longer than a pod's 8 s lifetime (12 s of work): whenever a pod takes it, it
+/// still holds it when its lifetime ends and it is drained.
+const LONG_STEPS: u64 = 48;
 /// Bound on each story on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -92,8 +95,14 @@ impl Drop for Story {
 
 /// The emulator, tansu with `jobs` jobs on `topic`, s3s-fs, and `serve` in active mode with the
 /// given extra policy/reconcile lines.
-/// `agent` is the worker's checkpoint agent (`None`: this binary).
-async fn story(topic: &str, jobs: usize, agent: Option<&str>, reconcile_extra: &str) -> Story {
+/// `agent` is the worker's checkpoint agent (`None`: this binary); a job is `steps` steps.
+async fn story(
+    topic: &str,
+    jobs: usize,
+    steps: u64,
+    agent: Option<&str>,
+    reconcile_extra: &str,
+) -> Story {
     let tansu = Tansu::start().await;
     tansu.create_topic(topic, 2).await;
     tansu.produce(topic, 2, jobs);
@@ -147,7 +156,7 @@ unhealthy_after = "10s"
 {reconcile_extra}
 [join]
 worker_command = "exec {worker}"
-worker_env = {{ WORK_MS_PER_JOB = "250", STEPS_PER_JOB = "{STEPS}", CHECKPOINT_EVERY = "{EVERY}", RPA_AGENT = "{agent}" }}
+worker_env = {{ WORK_MS_PER_JOB = "250", STEPS_PER_JOB = "{steps}", CHECKPOINT_EVERY = "{EVERY}", RPA_AGENT = "{agent}" }}
 [checkpoint]
 bucket = "{BUCKET}"
 prefix = "jobs"
@@ -155,6 +164,7 @@ endpoint = "{endpoint}"
 region = "us-east-1"
 access_key_id = "{ACCESS_KEY}"
 secret_access_key = "{SECRET_KEY}"
+keep = 50
 [[offers]]
 gpu_type = "NVIDIA RTX A5000"
 max_bid_per_gpu = 0.20
@@ -222,7 +232,7 @@ fn last_checkpoint_step(log: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempted_spot_pods_job_resumes_elsewhere_redoing_at_most_k_steps() {
-    let s = story("ckpt-preempt", 1, None, "drain_timeout = \"60s\"").await;
+    let s = story("ckpt-preempt", 1, STEPS, None, "drain_timeout = \"60s\"").await;
     // The one job runs on one spot pod; once it checkpointed twice, the pod is preempted.
     let (victim, checkpointed) = s
         .wait_for("a checkpoint at step 8 on the working pod", || {
@@ -266,12 +276,12 @@ async fn a_preempted_spot_pods_job_resumes_elsewhere_redoing_at_most_k_steps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_pod_is_terminated_only_after_its_jobs_checkpoint_is_verified() {
-    // Pods live 8 s: the job (24 × 250 ms = 6 s of work, plus the group join) is still running
-    // when its pod is drained.
+    // Pods live 8 s and the job is 12 s of work: whichever pod takes it is drained mid-job.
     const JOB: &str = "ckpt-drain-0-0";
     let s = story(
         "ckpt-drain",
         1,
+        LONG_STEPS,
         None,
         "drain_timeout = \"60s\"\nmax_pod_lifetime = \"8s\"",
     )
@@ -357,6 +367,7 @@ async fn a_drained_pod_whose_checkpoint_fails_is_held_until_the_drain_deadline_a
     let s = story(
         "ckpt-nostore",
         1,
+        LONG_STEPS,
         Some("/bin/false"),
         "drain_timeout = \"6s\"\nmax_pod_lifetime = \"8s\"",
     )

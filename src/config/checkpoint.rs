@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -194,20 +194,20 @@ impl CheckpointConfig {
         Ok(())
     }
 
-    /// Reads only the `[checkpoint]` table of a configuration file, with its environment
-    /// overrides (`RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET`, …), for the checkpoint commands.
-    /// Not validated here: the caller applies its flags first.
-    pub fn load_section(path: &Path) -> Result<Option<CheckpointConfig>, ConfigError> {
+    /// The store settings of the checkpoint commands: the `[checkpoint]` table of `path` (if
+    /// given), then its environment overrides (`RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET`,
+    /// `…__KEEP`, …, which is how the reconciler hands its settings to workers), then the
+    /// `--bucket`/`--prefix` flags. `None` when none of them names a bucket.
+    /// Not validated here: the caller validates what it will use.
+    pub fn load_section(
+        path: Option<&Path>,
+        bucket: Option<&str>,
+        prefix: Option<&str>,
+    ) -> Result<Option<CheckpointConfig>, ConfigError> {
         #[derive(Deserialize)]
         struct Only {
             #[serde(default)]
             checkpoint: Option<CheckpointConfig>,
-        }
-        if !path.exists() {
-            return Err(ConfigError::Parse(format!(
-                "config file {} not found",
-                path.display()
-            )));
         }
         let env_keys: Vec<String> = [
             "bucket",
@@ -225,14 +225,32 @@ impl CheckpointConfig {
         .iter()
         .map(|k| format!("checkpoint.{k}"))
         .collect();
-        Figment::new()
-            .merge(Toml::file_exact(path))
-            .merge(
-                Env::prefixed(ENV_PREFIX)
-                    .split("__")
-                    .lowercase(true)
-                    .only(&env_keys.iter().map(String::as_str).collect::<Vec<_>>()),
-            )
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Parse(format!(
+                    "config file {} not found",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                .lowercase(true)
+                .only(&env_keys.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        if let Some(bucket) = bucket {
+            figment = figment.merge(Serialized::default("checkpoint.bucket", bucket));
+        }
+        if let Some(prefix) = prefix {
+            figment = figment.merge(Serialized::default("checkpoint.prefix", prefix));
+        }
+        if !figment.contains("checkpoint") {
+            return Ok(None);
+        }
+        figment
             .extract::<Only>()
             .map(|o| o.checkpoint)
             .map_err(|e| ConfigError::Parse(describe_figment(e)))

@@ -182,20 +182,23 @@ pub(super) async fn drain(
 }
 
 /// What the reconciler needs from the checkpoint store: whether a job has a checkpoint
-/// written at or after a time, stored completely and verified.
+/// written by a given pod at or after a time, stored completely and verified.
 #[async_trait::async_trait]
 pub trait CheckpointCheck: Send + Sync {
-    /// The creation time of the newest checkpoint of `job` if it is at or after `since` and
-    /// every part of it verifies; `None` when there is no such checkpoint (yet).
+    /// The creation time of the newest checkpoint of `job` if `writer` wrote it at or after
+    /// `since` and every part of it verifies; `None` when there is no such checkpoint (yet).
+    /// `since` is the controller's clock and `created` the writer's: a writer whose clock runs
+    /// behind makes the reconciler wait longer, never shorter.
     async fn verified_since(
         &self,
         job: &str,
+        writer: &str,
         since: Timestamp,
     ) -> Result<Option<Timestamp>, String>;
 }
 
-/// [`CheckpointCheck`] over the checkpoint store: the newest manifest of the job, if written
-/// since the time asked, with every part read back and hashed. A verified generation is
+/// [`CheckpointCheck`] over the checkpoint store: the newest manifest of the job, if the pod
+/// asked about wrote it since the time asked, with every part read back and hashed. A verified generation is
 /// remembered, so a draining pod's job is verified once, not at every tick.
 pub struct StoreCheck {
     store: Arc<dyn CheckpointStore>,
@@ -217,12 +220,13 @@ impl CheckpointCheck for StoreCheck {
     async fn verified_since(
         &self,
         job: &str,
+        writer: &str,
         since: Timestamp,
     ) -> Result<Option<Timestamp>, String> {
         let Some(manifest) = self.store.latest(job).await.map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        if manifest.created < since {
+        if manifest.writer != writer || manifest.created < since {
             return Ok(None);
         }
         let key = (manifest.job.clone(), manifest.seq);
@@ -269,8 +273,8 @@ pub(super) async fn pending_checkpoints(
         let mut pending = Vec::new();
         for job in jobs {
             let unlisted = listed.as_ref().is_some_and(|l| !l.contains(&job));
-            match store.verified_since(&job, since).await {
-                // Checkpointed since the drain began, every part verified.
+            match store.verified_since(&job, pod.as_str(), since).await {
+                // This pod checkpointed it since the drain began, every part verified.
                 Ok(Some(_)) => {}
                 // No checkpoint since: safe only if the worker finished the job.
                 Ok(None) if unlisted => {}
@@ -358,14 +362,15 @@ mod tests {
         fn forget(&self, _pod: &str) {}
     }
 
-    /// Verified checkpoints: job → creation time; `"broken"` fails verification.
-    struct Store(&'static [(&'static str, u64)]);
+    /// Verified checkpoints: job → (writer, creation time); `"broken"` fails verification.
+    struct Store(&'static [(&'static str, &'static str, u64)]);
 
     #[async_trait::async_trait]
     impl CheckpointCheck for Store {
         async fn verified_since(
             &self,
             job: &str,
+            writer: &str,
             since: Timestamp,
         ) -> Result<Option<Timestamp>, String> {
             if job == "broken" {
@@ -374,8 +379,8 @@ mod tests {
             Ok(self
                 .0
                 .iter()
-                .find(|(j, _)| *j == job)
-                .map(|(_, t)| Timestamp::from_millis(*t))
+                .find(|(j, w, _)| *j == job && *w == writer)
+                .map(|(_, _, t)| Timestamp::from_millis(*t))
                 .filter(|t| *t >= since))
         }
     }
@@ -400,12 +405,19 @@ mod tests {
     #[tokio::test]
     async fn a_job_is_safe_once_checkpointed_since_the_drain_or_finished() {
         // Checkpointed after the drain began: safe even though still listed.
-        assert!(pending(Jobs(Some("a\n")), Store(&[("a", 1_500)]), &["a"])
-            .await
-            .is_empty());
+        assert!(
+            pending(Jobs(Some("a\n")), Store(&[("a", "pod-1", 1_500)]), &["a"])
+                .await
+                .is_empty()
+        );
+        // Checkpointed since, but by another pod: this pod's progress is not in it.
+        assert_eq!(
+            pending(Jobs(Some("a\n")), Store(&[("a", "pod-2", 1_500)]), &["a"]).await,
+            ["a"]
+        );
         // Only an older checkpoint, still listed: pending.
         assert_eq!(
-            pending(Jobs(Some("a\n")), Store(&[("a", 900)]), &["a"]).await,
+            pending(Jobs(Some("a\n")), Store(&[("a", "pod-1", 900)]), &["a"]).await,
             ["a"]
         );
         // No checkpoint and no longer listed: it finished.
@@ -417,7 +429,7 @@ mod tests {
         );
         // An unreachable pod cannot show a job finished: only checkpoints count.
         assert_eq!(
-            pending(Jobs(None), Store(&[("b", 2_000)]), &["a", "b"]).await,
+            pending(Jobs(None), Store(&[("b", "pod-1", 2_000)]), &["a", "b"]).await,
             ["a"]
         );
     }

@@ -126,6 +126,17 @@ impl ReconcileSettings {
                     if let Some(s) = &ck.secret_access_key {
                         env.insert("AWS_SECRET_ACCESS_KEY".into(), s.clone());
                     }
+                    for (key, value) in [
+                        ("PATH_STYLE", ck.path_style.to_string()),
+                        ("PART_SIZE", ck.part_size.to_string()),
+                        ("PARALLELISM", ck.parallelism.to_string()),
+                        ("KEEP", ck.keep.to_string()),
+                    ] {
+                        env.insert(
+                            format!("RUNPOD_AUTOSCALER__CHECKPOINT__{key}"),
+                            Secret::new(value),
+                        );
+                    }
                 }
                 for (k, v) in &j.worker_env {
                     env.insert(k.clone(), Secret::new(v.clone()));
@@ -178,5 +189,42 @@ impl ReconcileSettings {
             drain_timeout: r.drain_timeout,
             max_pod_lifetime: r.max_pod_lifetime,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_get_the_checkpoint_store_of_the_configuration() {
+        let text = format!(
+            "{}\n[checkpoint]\nbucket = \"jobs\"\nprefix = \"ck\"\nendpoint = \"http://s3:9000\"\n\
+             access_key_id = \"AKID\"\nsecret_access_key = \"s3cr3t-value\"\n\
+             part_size = \"8MiB\"\nkeep = 7\n",
+            include_str!("../../examples/static.toml")
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let settings = ReconcileSettings::from_config(&config, "ssh-ed25519 AAAA".into(), None);
+        let JoinPlan::Worker { env, .. } = &settings.join else {
+            panic!("worker mode is the default");
+        };
+        let get = |k: &str| env.get(k).map(|v| v.expose().to_owned());
+        let prefix = "RUNPOD_AUTOSCALER__CHECKPOINT__";
+        assert_eq!(get(&format!("{prefix}BUCKET")).as_deref(), Some("jobs"));
+        assert_eq!(get(&format!("{prefix}PREFIX")).as_deref(), Some("ck"));
+        assert_eq!(get(&format!("{prefix}KEEP")).as_deref(), Some("7"));
+        assert_eq!(
+            get(&format!("{prefix}PART_SIZE")).as_deref(),
+            Some("8388608")
+        );
+        assert_eq!(get(&format!("{prefix}PARALLELISM")).as_deref(), Some("8"));
+        assert_eq!(get(&format!("{prefix}PATH_STYLE")).as_deref(), Some("true"));
+        assert_eq!(get("AWS_ENDPOINT_URL").as_deref(), Some("http://s3:9000"));
+        assert_eq!(
+            get("AWS_SECRET_ACCESS_KEY").as_deref(),
+            Some("s3cr3t-value")
+        );
+        assert!(!format!("{:?}", settings.join).contains("s3cr3t-value"));
     }
 }
