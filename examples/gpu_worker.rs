@@ -555,16 +555,26 @@ impl Worker {
         }
     }
 
-    /// Runs the agent with `args` (plus the store arguments); returns its exit code.
+    /// Runs the agent with `args` (plus the store arguments); returns its exit code. Its
+    /// messages are logged when it fails with anything but "nothing to resume" (exit 3).
     async fn agent(&self, args: &[&str]) -> Option<i32> {
         let mut cmd = tokio::process::Command::new(&self.settings.agent);
         cmd.args(args)
             .args(&self.settings.store_args)
             .env("RPA_POD_ID", &self.settings.pod_id)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        match cmd.status().await {
-            Ok(s) => s.code(),
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        match cmd.output().await {
+            Ok(out) => {
+                let code = out.status.code();
+                if !matches!(code, Some(0 | 3)) {
+                    for line in String::from_utf8_lossy(&out.stderr).lines() {
+                        self.log(format_args!("agent: {line}"));
+                    }
+                }
+                code
+            }
             Err(e) => {
                 self.log(format_args!(
                     "cannot run {} (RPA_AGENT): {e}",

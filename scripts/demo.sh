@@ -3,7 +3,10 @@
 # partitions, the worker group committed 300 -> lag 700) and a Prometheus scraping a small
 # latency exporter, all on free 127.0.0.1 ports. Starts the service on examples/local.toml,
 # answers KEDA's calls (gpu-demand, and KEDA-parity kafka and prometheus triggers), shows the
-# plan and metrics, compares policies on the shipped traces, then stops everything by PID.
+# plan and metrics; then active mode against the RunPod emulator (pods bought, bootstrapped over
+# SSH, worked, drained, terminated), checkpoint/resume through s3s-fs (a preempted pod's job and
+# drained pods' jobs resume elsewhere), compares policies on the shipped traces, then stops
+# everything by PID.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -12,6 +15,7 @@ ensure_build_deps
 ensure_tansu
 ensure_prometheus
 ensure_sshd
+ensure_s3s
 
 log "building"
 cargo build --locked --quiet --bin runpod-autoscaler --example demo_seed --example gpu_worker
@@ -209,6 +213,95 @@ log "the active service's metrics (launches, terminations, joins, spend)"
 curl -fsS "http://$AHTTP/metrics" | grep -E '^runpod_autoscaler_(launches_total|terminations_total|join_seconds_count|spend_usd_total|claims_open|pods\{)' || true
 kill -TERM "$ACTIVE"
 wait "$ACTIVE"
+
+log "CHECKPOINTS: long jobs on a spot pod, checkpointed to S3 (s3s-fs); one pod preempted, the others drained"
+S3_PORT=$(free_port)
+mkdir -p "$WORK/s3/checkpoints"
+"$RPA_S3S_BIN" --host 127.0.0.1 --port "$S3_PORT" --access-key demo-access \
+  --secret-key demo-secret-0123456789 "$WORK/s3" >"$WORK/s3s.log" 2>&1 &
+PIDS+=($!)
+wait_until "s3s-fs" bash -c "exec 3<>/dev/tcp/127.0.0.1/$S3_PORT"
+# Two jobs of 40 steps x 250 ms on one partition, one pod at a time that lives 12 s
+# (examples/checkpoint.toml): every pod is preempted or drained mid-job.
+./target/debug/examples/demo_seed "127.0.0.1:$KAFKA_PORT" long-jobs 1 2 long-workers 0
+export RUNPOD_AUTOSCALER__CHECKPOINT__ENDPOINT="http://127.0.0.1:$S3_PORT" \
+  RUNPOD_AUTOSCALER__CHECKPOINT__ACCESS_KEY_ID=demo-access \
+  RUNPOD_AUTOSCALER__CHECKPOINT__SECRET_ACCESS_KEY=demo-secret-0123456789
+mkfifo "$WORK/ckpt"
+RUST_LOG=info \
+RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state-ckpt" \
+RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
+RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="RPA_AGENT=$BIN exec $ROOT/target/debug/examples/gpu_worker" \
+  "$BIN" serve --config examples/checkpoint.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+  >"$WORK/ckpt" 2>"$WORK/ckpt.log" &
+CKPT=$!
+PIDS+=($CKPT)
+exec 6<"$WORK/ckpt"
+read -r -t 30 CKPT_LINE <&6 || { cat "$WORK/ckpt.log" >&2; exit 1; }
+CHTTP=$(printf '%s' "$CKPT_LINE" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+log "following the workers' logs on the pods and the service's drain decisions"
+CHTTP="$CHTTP" SERVE_LOG="$WORK/ckpt.log" RUNPOD_API_URL="$RUNPOD_API_URL" python3 - <<'PY'
+import json, os, re, sys, time, urllib.request
+http, api, serve_log = os.environ["CHTTP"], os.environ["RUNPOD_API_URL"], os.environ["SERVE_LOG"]
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+def post(url):
+    req = urllib.request.Request(url, method="POST", headers={"Authorization": "Bearer demo-key"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status
+INTERESTING = re.compile(r"assigned partitions|resumed from|checkpointed at step|job topic=|stop requested|agent:|failed|cannot")
+SERVE = re.compile(r"launched|joined|drained; waiting|every job checkpointed|drain deadline|pod gone")
+seen_lines, serve_pos, preempted, finished = {}, 0, None, set()
+deadline = time.time() + 240
+def show(who, text):
+    print(f"  {time.strftime('%H:%M:%S')} {who:<15} {text}", flush=True)
+while time.time() < deadline:
+    pods = [p for p in get(f"{api}/admin/pods")["pods"] if p["name"].startswith("rpa-ckpt-")]
+    for p in pods:
+        if not p.get("podDir"):
+            continue
+        try:
+            lines = open(os.path.join(p["podDir"], ".runpod-autoscaler/worker.log")).read().splitlines()
+        except OSError:
+            continue
+        for line in lines[seen_lines.get(p["id"], 0):]:
+            if INTERESTING.search(line):
+                text = re.sub(r"^\S+ gpu_worker(\[\d+\])?:? ?(pod=\S+ )?", "", line)
+                show(p["id"], text)
+            m = re.search(r"job topic=long-jobs partition=0 offset=(\d+)", line)
+            if m:
+                finished.add(m.group(1))
+            # Preempt the first pod that has checkpointed its job twice (step 8).
+            if preempted is None and "checkpointed at step 8" in line and "on drain" not in line:
+                preempted = p["id"]
+                post(f"{api}/admin/pods/{p['id']}/preempt")
+                show(p["id"], "PREEMPTED (spot capacity reclaimed) by the demo")
+        seen_lines[p["id"]] = len(lines)
+    with open(serve_log, errors="replace") as f:
+        f.seek(serve_pos)
+        chunk = f.read()
+        serve_pos = f.tell()
+    for line in chunk.splitlines():
+        if SERVE.search(line):
+            msg = re.sub(r"^\S+\s+INFO\s+(tick: )?\S+: ", "", line)
+            show("autoscaler", msg)
+    if len(finished) == 2 and not [p for p in pods if p["status"] != "TERMINATED"]:
+        break
+    time.sleep(0.3)
+pods = [p for p in get(f"{api}/admin/pods")["pods"] if p["name"].startswith("rpa-ckpt-")]
+alive = [p for p in pods if p["status"] != "TERMINATED"]
+print(f"  both jobs done: {len(finished) == 2}; emulator: {len(pods)} pods created, "
+      f"{len(alive)} alive, ${sum(p['costAccrued'] for p in pods):.4f} spent")
+sys.exit(0 if len(finished) == 2 and not alive and preempted else 1)
+PY
+log "the checkpoints in the store (written by several pods: each resume continued another pod's work)"
+"$BIN" checkpoint ls --config examples/checkpoint.toml
+"$BIN" checkpoint show long-jobs-0-1 --verify --config examples/checkpoint.toml
+curl -fsS "http://$CHTTP/metrics" | grep -E '^runpod_autoscaler_(checkpoint_missed_total|terminations_total)' || true
+kill -TERM "$CKPT"
+wait "$CKPT"
 
 log "policies side by side on the shipped traces"
 "$BIN" simulate --policy all \
