@@ -105,3 +105,17 @@ ensure_s3s() {
   fi
   export RPA_S3S_BIN="$bin"
 }
+
+# ensure_checkov: checkov 3.3.30 (the Terraform policy scanner) in its own venv, .tools/checkov:
+# it pins boto3 to a version the project venv's RunPod SDK and AWS CLI cannot share. Exports
+# RPA_CHECKOV_BIN.
+ensure_checkov() {
+  local venv="$ROOT/.tools/checkov"
+  local bin="$venv/bin/checkov"
+  if [ ! -x "$bin" ]; then
+    log "installing checkov 3.3.30 into .tools/checkov (pip)"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check checkov==3.3.30
+  fi
+  export RPA_CHECKOV_BIN="$bin"
+}
