@@ -69,7 +69,60 @@ pub struct Metrics {
     pub unavailable_offers: Gauge,
     /// Jobs of drained pods terminated at the drain deadline without a verified checkpoint.
     pub checkpoint_missed: Counter,
+    /// RunPod API calls (after the client's own retries), by operation and outcome.
+    pub provider_requests: Family<Labels, Counter>,
+    /// The spend-rate budget (`policy.max_usd_per_hour`).
+    pub max_usd_per_hour: Gauge<f64, AtomicU64>,
+    /// Whether each signal is stale (1) or fresh enough to scale down on (0).
+    pub signal_stale: Family<Labels, Gauge>,
+    /// The longest any RunPod pod of ours has gone without work (0 with no pods).
+    pub max_idle_seconds: Gauge<f64, AtomicU64>,
 }
+
+/// The RunPod operations counted in `provider_requests` (each series exists from the start, so
+/// the first failure shows in `rate()` and `increase()`).
+pub const PROVIDER_OPS: [&str; 5] = ["list", "offerings", "create", "get", "terminate"];
+
+/// How a provider call ended: `ok`; `refused` when the API answered but said no (not found,
+/// conflict, no capacity); `error` when it failed (auth, rate limit, 5xx, timeout, bad request).
+pub const PROVIDER_OUTCOMES: [&str; 3] = ["ok", "refused", "error"];
+
+/// Markets counted in `launches`.
+pub const MARKETS: [&str; 2] = ["spot", "on_demand"];
+
+/// Pod states always present in `pods` (0 when none), so a dashboard shows an empty fleet.
+pub const POD_STATES: [&str; 6] = [
+    "PROVISIONING",
+    "STARTING",
+    "RUNNING",
+    "EXITED",
+    "ERROR",
+    "TERMINATED",
+];
+
+/// Reasons counted in `terminations` (the reconciler's `RetireReason` labels and `vanished`).
+pub const TERMINATION_REASONS: [&str; 7] = [
+    "planned",
+    "join_failed",
+    "unhealthy",
+    "lifetime",
+    "duplicate",
+    "orphan",
+    "vanished",
+];
+
+/// Kinds counted in `reconcile_failures`.
+pub const RECONCILE_FAILURE_KINDS: [&str; 9] = [
+    "list",
+    "offerings",
+    "claim_store",
+    "capacity",
+    "create_ambiguous",
+    "create_refused",
+    "drain_timeout",
+    "join",
+    "terminate",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -111,6 +164,10 @@ impl Metrics {
             orphans_collected: Counter::default(),
             unavailable_offers: Gauge::default(),
             checkpoint_missed: Counter::default(),
+            provider_requests: Family::default(),
+            max_usd_per_hour: Gauge::default(),
+            signal_stale: Family::default(),
+            max_idle_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -228,6 +285,50 @@ impl Metrics {
             "Jobs of drained pods terminated at the drain deadline without a verified checkpoint",
             m.checkpoint_missed.clone(),
         );
+        r.register(
+            "provider_requests",
+            "RunPod API calls after the client's retries, by op and outcome (ok, refused: answered no, error: failed)",
+            m.provider_requests.clone(),
+        );
+        r.register(
+            "max_usd_per_hour",
+            "The spend-rate budget (policy.max_usd_per_hour)",
+            m.max_usd_per_hour.clone(),
+        );
+        r.register(
+            "signal_stale",
+            "1 while a signal is stale (older than stale_after_intervals polls, or never read), else 0",
+            m.signal_stale.clone(),
+        );
+        r.register(
+            "max_idle_seconds",
+            "The longest any RunPod pod of ours has gone without work (0 with no pods)",
+            m.max_idle_seconds.clone(),
+        );
+        for op in PROVIDER_OPS {
+            for outcome in PROVIDER_OUTCOMES {
+                let _ = m.provider_requests.get_or_create(&vec![
+                    ("op", op.to_owned()),
+                    ("outcome", outcome.to_owned()),
+                ]);
+            }
+        }
+        for market in MARKETS {
+            let _ = m
+                .launches
+                .get_or_create(&vec![("market", market.to_owned())]);
+        }
+        for reason in TERMINATION_REASONS {
+            let _ = m
+                .terminations
+                .get_or_create(&vec![("reason", reason.to_owned())]);
+        }
+        for kind in RECONCILE_FAILURE_KINDS {
+            let _ = m
+                .reconcile_failures
+                .get_or_create(&vec![("kind", kind.to_owned())]);
+        }
+        m.set_pods_by_state(std::iter::empty());
         Metrics { registry, ..m }
     }
 
@@ -251,6 +352,32 @@ impl Metrics {
         self.reconcile_failures
             .get_or_create(&vec![("kind", kind.to_owned())])
             .inc();
+    }
+
+    /// Counts one RunPod API call `op` that ended with `outcome` (one of [`PROVIDER_OUTCOMES`]).
+    pub fn provider_request(&self, op: &str, outcome: &str) {
+        self.provider_requests
+            .get_or_create(&vec![
+                ("op", op.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Replaces the fleet by state with one pod per item of `states`; the known
+    /// [`POD_STATES`] stay at 0 when no pod is in them.
+    pub fn set_pods_by_state<'a>(&self, states: impl IntoIterator<Item = &'a str>) {
+        self.pods_by_state.clear();
+        for state in POD_STATES {
+            let _ = self
+                .pods_by_state
+                .get_or_create(&vec![("state", state.to_owned())]);
+        }
+        for state in states {
+            self.pods_by_state
+                .get_or_create(&vec![("state", state.to_owned())])
+                .inc();
+        }
     }
 
     /// Counts one launch on `market`.
@@ -285,5 +412,110 @@ impl Metrics {
                 ("code", code.to_owned()),
             ])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn provider_calls_count_from_zero_by_op_and_outcome() {
+        let m = Metrics::new();
+        let before = m.render();
+        for op in PROVIDER_OPS {
+            for outcome in PROVIDER_OUTCOMES {
+                let series = format!(
+                    "runpod_autoscaler_provider_requests_total{{op=\"{op}\",outcome=\"{outcome}\"}}"
+                );
+                assert_eq!(sample(&before, &series), Some(0.0), "{series} in {before}");
+            }
+        }
+        m.provider_request("list", "ok");
+        m.provider_request("list", "ok");
+        m.provider_request("create", "error");
+        let after = m.render();
+        let get = |op: &str, outcome: &str| {
+            sample(
+                &after,
+                &format!("runpod_autoscaler_provider_requests_total{{op=\"{op}\",outcome=\"{outcome}\"}}"),
+            )
+        };
+        assert_eq!(get("list", "ok"), Some(2.0));
+        assert_eq!(get("create", "error"), Some(1.0));
+        assert_eq!(get("create", "ok"), Some(0.0));
+    }
+
+    #[test]
+    fn launches_by_market_exist_before_the_first_launch() {
+        let m = Metrics::new();
+        m.reconcile_launch("spot");
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "runpod_autoscaler_launches_total{market=\"spot\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "runpod_autoscaler_launches_total{market=\"on_demand\"}"
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn fleet_by_state_counts_pods_and_keeps_known_states_at_zero() {
+        let m = Metrics::new();
+        let pods = |text: &str, state: &str| {
+            sample(
+                text,
+                &format!("runpod_autoscaler_pods{{state=\"{state}\"}}"),
+            )
+        };
+        assert_eq!(pods(&m.render(), "RUNNING"), Some(0.0));
+        m.set_pods_by_state(["RUNNING", "RUNNING", "STARTING", "WEIRD"]);
+        let text = m.render();
+        assert_eq!(pods(&text, "RUNNING"), Some(2.0));
+        assert_eq!(pods(&text, "STARTING"), Some(1.0));
+        assert_eq!(pods(&text, "WEIRD"), Some(1.0));
+        assert_eq!(pods(&text, "EXITED"), Some(0.0));
+        // The next tick replaces the fleet: a state nobody is in any more is gone or 0.
+        m.set_pods_by_state(["EXITED"]);
+        let text = m.render();
+        assert_eq!(pods(&text, "WEIRD"), None);
+        assert_eq!(pods(&text, "RUNNING"), Some(0.0));
+        assert_eq!(pods(&text, "EXITED"), Some(1.0));
+    }
+
+    #[test]
+    fn budget_staleness_and_idle_gauges_render() {
+        let m = Metrics::new();
+        m.max_usd_per_hour.set(4.0);
+        m.max_idle_seconds.set(90.5);
+        m.signal_stale
+            .get_or_create(&vec![("signal", "queue_lag".to_owned())])
+            .set(1);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "runpod_autoscaler_max_usd_per_hour"),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(&text, "runpod_autoscaler_max_idle_seconds"),
+            Some(90.5)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "runpod_autoscaler_signal_stale{signal=\"queue_lag\"}"
+            ),
+            Some(1.0)
+        );
     }
 }

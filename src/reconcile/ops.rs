@@ -15,6 +15,7 @@ use crate::join::pod::{
 use crate::join::{JoinError, SshTarget};
 use crate::model::{PodId, Timestamp};
 use crate::provider::{CloudProvider, Pod, ProviderError};
+use crate::telemetry::Metrics;
 
 use super::claims::ClaimKey;
 
@@ -294,11 +295,12 @@ pub(super) async fn pending_checkpoints(
 /// Terminates a pod (gone already = done).
 pub(super) async fn terminate(
     provider: Arc<dyn CloudProvider>,
+    metrics: Arc<Metrics>,
     pod: PodId,
     timeout: Duration,
 ) -> Result<(), ProviderError> {
     let span = info_span!("reconcile.terminate", pod = %pod);
-    bounded(timeout, "terminate", provider.terminate(&pod))
+    bounded(&metrics, timeout, "terminate", provider.terminate(&pod))
         .instrument(span)
         .await
 }
@@ -306,27 +308,56 @@ pub(super) async fn terminate(
 /// Looks a pod up by id.
 pub(super) async fn look_up(
     provider: Arc<dyn CloudProvider>,
+    metrics: Arc<Metrics>,
     pod: PodId,
     timeout: Duration,
 ) -> Result<Option<Pod>, ProviderError> {
     let span = info_span!("reconcile.lookup", pod = %pod);
-    bounded(timeout, "get", provider.get(&pod))
+    bounded(&metrics, timeout, "get", provider.get(&pod))
         .instrument(span)
         .await
 }
 
-/// `fut` within `timeout`; running out is a retryable provider timeout.
+/// `fut` within `timeout`; running out is a retryable provider timeout. Every provider call
+/// goes through here and is counted in `provider_requests` by its outcome.
 pub(super) async fn bounded<T>(
+    metrics: &Metrics,
     timeout: Duration,
     op: &'static str,
     fut: impl std::future::Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
-    tokio::time::timeout(timeout, fut)
+    let result = tokio::time::timeout(timeout, fut)
         .await
         .unwrap_or(Err(ProviderError::Timeout {
             op: op.into(),
             deadline: timeout,
-        }))
+        }));
+    if let Some(outcome) = provider_outcome(&result) {
+        metrics.provider_request(op, outcome);
+    }
+    result
+}
+
+/// The `provider_requests` outcome of a call: `ok`; `refused` when the API answered but said no
+/// (the pod is gone, a state conflict, no capacity); `error` when the call failed; none for a
+/// call cancelled by shutdown (not the API's doing).
+pub(super) fn provider_outcome<T>(result: &Result<T, ProviderError>) -> Option<&'static str> {
+    match result {
+        Ok(_) => Some("ok"),
+        Err(
+            ProviderError::NotFound { .. }
+            | ProviderError::Conflict { .. }
+            | ProviderError::CapacityExhausted { .. },
+        ) => Some("refused"),
+        Err(
+            ProviderError::Auth { .. }
+            | ProviderError::RateLimited { .. }
+            | ProviderError::Transient { .. }
+            | ProviderError::InvalidRequest { .. }
+            | ProviderError::Timeout { .. },
+        ) => Some("error"),
+        Err(ProviderError::Cancelled { .. }) => None,
+    }
 }
 
 #[cfg(test)]
@@ -432,5 +463,87 @@ mod tests {
             pending(Jobs(None), Store(&[("b", "pod-1", 2_000)]), &["a", "b"]).await,
             ["a"]
         );
+    }
+
+    #[test]
+    fn provider_outcomes_tell_answers_from_failures() {
+        let ok: Result<(), ProviderError> = Ok(());
+        assert_eq!(provider_outcome(&ok), Some("ok"));
+        let refused = [
+            ProviderError::NotFound { what: "pod".into() },
+            ProviderError::Conflict { detail: "x".into() },
+            ProviderError::CapacityExhausted {
+                gpu_type: "A5000".into(),
+                detail: "x".into(),
+            },
+        ];
+        for e in refused {
+            assert_eq!(
+                provider_outcome::<()>(&Err(e.clone())),
+                Some("refused"),
+                "{e}"
+            );
+        }
+        let errors = [
+            ProviderError::Auth { status: 401 },
+            ProviderError::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            ProviderError::Transient {
+                detail: "502".into(),
+            },
+            ProviderError::InvalidRequest { detail: "x".into() },
+            ProviderError::Timeout {
+                op: "list".into(),
+                deadline: Duration::from_secs(1),
+            },
+        ];
+        for e in errors {
+            assert_eq!(
+                provider_outcome::<()>(&Err(e.clone())),
+                Some("error"),
+                "{e}"
+            );
+        }
+        let cancelled = ProviderError::Cancelled { op: "list".into() };
+        assert_eq!(provider_outcome::<()>(&Err(cancelled)), None);
+    }
+
+    #[tokio::test]
+    async fn bounded_counts_each_call_by_outcome_and_a_deadline_as_an_error() {
+        let metrics = Metrics::new();
+        let count = |m: &Metrics, op: &str, outcome: &str| {
+            let series = format!(
+                "runpod_autoscaler_provider_requests_total{{op=\"{op}\",outcome=\"{outcome}\"}} "
+            );
+            m.render()
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+        };
+        let t = Duration::from_secs(5);
+        let _ = bounded(&metrics, t, "list", async { Ok::<_, ProviderError>(()) }).await;
+        let _ = bounded(&metrics, t, "get", async {
+            Err::<(), _>(ProviderError::NotFound { what: "p".into() })
+        })
+        .await;
+        let slow = bounded(&metrics, Duration::from_millis(10), "create", async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, ProviderError>(())
+        })
+        .await;
+        assert!(matches!(slow, Err(ProviderError::Timeout { .. })));
+        let _ = bounded(&metrics, t, "terminate", async {
+            Err::<(), _>(ProviderError::Cancelled {
+                op: "terminate".into(),
+            })
+        })
+        .await;
+        assert_eq!(count(&metrics, "list", "ok"), Some(1));
+        assert_eq!(count(&metrics, "get", "refused"), Some(1));
+        assert_eq!(count(&metrics, "create", "error"), Some(1));
+        assert_eq!(count(&metrics, "create", "ok"), Some(0));
+        for outcome in ["ok", "refused", "error"] {
+            assert_eq!(count(&metrics, "terminate", outcome), Some(0));
+        }
     }
 }

@@ -203,7 +203,14 @@ impl Reconciler {
         }
 
         let settings = &self.ctx.settings;
-        match ops::bounded(settings.provider_timeout, "list", self.ctx.provider.list()).await {
+        match ops::bounded(
+            &self.ctx.metrics,
+            settings.provider_timeout,
+            "list",
+            self.ctx.provider.list(),
+        )
+        .await
+        {
             Ok(pods) => {
                 self.synced = true;
                 self.last_listing = pods;
@@ -350,6 +357,7 @@ impl Reconciler {
             .is_none_or(|(at, _)| now.saturating_since(*at) >= settings.quotes_refresh);
         if stale {
             match ops::bounded(
+                &ctx.metrics,
                 settings.provider_timeout,
                 "offerings",
                 ctx.provider.offerings(),
@@ -576,6 +584,7 @@ impl Reconciler {
             self.claims.insert(claim.key, claim.clone());
             let spec = self.launch_spec(&claim);
             let result = ops::bounded(
+                &ctx.metrics,
                 settings.provider_timeout,
                 "create",
                 ctx.provider.create(&spec),
@@ -889,18 +898,19 @@ impl Reconciler {
         now: Timestamp,
         step: ProviderStep,
     ) {
-        let (provider, timeout) = (
+        let (provider, metrics, timeout) = (
             self.ctx.provider.clone(),
+            self.ctx.metrics.clone(),
             self.ctx.settings.provider_timeout,
         );
         self.busy.insert(pod.clone());
         self.ops.spawn(async move {
             let outcome = match step {
-                ProviderStep::Terminate => {
-                    Outcome::Terminated(ops::terminate(provider, pod.clone(), timeout).await)
-                }
+                ProviderStep::Terminate => Outcome::Terminated(
+                    ops::terminate(provider, metrics, pod.clone(), timeout).await,
+                ),
                 ProviderStep::LookUp => {
-                    Outcome::Looked(ops::look_up(provider, pod.clone(), timeout).await)
+                    Outcome::Looked(ops::look_up(provider, metrics, pod.clone(), timeout).await)
                 }
             };
             OpResult {
@@ -1139,12 +1149,14 @@ impl Reconciler {
         m.claims_open.set(self.claims.len() as i64);
         m.unavailable_offers
             .set(self.unavailable.marked(now).count() as i64);
-        m.pods_by_state.clear();
-        for p in &view.pods {
-            m.pods_by_state
-                .get_or_create(&vec![("state", p.state.as_str().to_owned())])
-                .inc();
-        }
+        m.set_pods_by_state(view.pods.iter().map(|p| p.state.as_str()));
+        let longest_idle = self
+            .fleet(now)
+            .iter()
+            .filter_map(|e| e.idle_for)
+            .max()
+            .unwrap_or_default();
+        m.max_idle_seconds.set(longest_idle.as_secs_f64());
     }
 
     fn fleet(&self, now: Timestamp) -> Vec<FleetEntry> {
@@ -1254,5 +1266,25 @@ mod tests {
         assert_eq!(parse_claim_pod_id(&claim_pod_id(key)), Some(key));
         assert_eq!(parse_claim_pod_id(&PodId::from("abc")), None);
         assert_eq!(parse_claim_pod_id(&PodId::from("claim:x-1")), None);
+    }
+
+    #[test]
+    fn every_termination_reason_is_counted_from_zero() {
+        // `terminations` starts every reason the reconciler counts at 0 (see telemetry).
+        let reasons = [
+            RetireReason::Planned("surplus".into()),
+            RetireReason::JoinFailed,
+            RetireReason::Unhealthy,
+            RetireReason::Lifetime,
+            RetireReason::Duplicate,
+            RetireReason::Orphan,
+        ];
+        for r in reasons {
+            assert!(
+                crate::telemetry::TERMINATION_REASONS.contains(&r.label()),
+                "{}",
+                r.label()
+            );
+        }
     }
 }

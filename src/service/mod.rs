@@ -426,7 +426,12 @@ impl Ticker {
                 .get_or_create(&vec![("kind", hold.kind().to_owned())])
                 .inc();
         }
+        m.max_usd_per_hour
+            .set(self.policy.max_usd_per_hour.dollars());
         for s in status {
+            m.signal_stale
+                .get_or_create(&vec![("signal", s.signal.as_str().to_owned())])
+                .set(i64::from(!s.fresh));
             if let Some(age) = s.age {
                 m.signal_age_seconds
                     .get_or_create(&vec![("signal", s.signal.as_str().to_owned())])
