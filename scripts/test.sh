@@ -16,6 +16,8 @@ ensure_tansu
 ensure_prometheus
 ensure_sshd
 ensure_s3s
+# checkov for the Terraform baseline (its own venv; exports RPA_CHECKOV_BIN).
+ensure_checkov
 
 log "building"
 cargo build --locked --no-default-features --bin runpod-autoscaler && if ./target/debug/runpod-autoscaler emulator --help >/dev/null 2>&1; then echo "built without the emulator feature, the binary still has an emulator subcommand" >&2; exit 1; fi

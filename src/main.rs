@@ -267,8 +267,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn check_config(file: &Path) -> ExitCode {
     match Config::load(file) {
-        Ok(_) => {
-            println!("{}: valid", file.display());
+        Ok(c) => {
+            match &c.baseline.terraform_output {
+                Some(tf) => println!(
+                    "{}: valid (baseline: {} GPUs from {})",
+                    file.display(),
+                    c.baseline.gpus,
+                    tf.display()
+                ),
+                None => println!("{}: valid", file.display()),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,5 +1,6 @@
-# The local baseline: always-on OpenStack GPU servers that join the Kubernetes cluster at boot
-# and are labelled so the GPU workers schedule on them before any RunPod pod.
+# The local baseline: always-on OpenStack GPU servers, a group per point of presence, that join
+# the Kubernetes cluster at boot (modules/gpu-baseline). runpod-autoscaler counts their GPUs
+# before any RunPod pod: point `[baseline] terraform_output` at `terraform output -json`.
 
 resource "openstack_networking_secgroup_v2" "gpu" {
   name        = "${var.name_prefix}-nodes"
@@ -36,29 +37,21 @@ resource "openstack_networking_secgroup_rule_v2" "overlay" {
   remote_ip_prefix  = var.cluster_cidr
 }
 
-resource "openstack_compute_instance_v2" "gpu" {
-  count           = var.node_count
-  name            = format("%s-%02d", var.name_prefix, count.index)
-  flavor_name     = var.flavor_name
-  image_name      = var.image_name
-  key_pair        = var.key_pair
-  security_groups = [openstack_networking_secgroup_v2.gpu.name]
+module "pop" {
+  source   = "./modules/gpu-baseline"
+  for_each = var.pops
 
-  network {
-    name = var.network_name
-  }
-
-  metadata = {
-    role          = "gpu-baseline"
-    gpus_per_node = tostring(var.gpus_per_node)
-  }
-
-  user_data = templatefile("${path.module}/cloud-init.yaml.tftpl", {
-    join_command = var.join_command
-    node_labels  = "gpu.platform/pool=baseline"
-  })
-
-  lifecycle {
-    ignore_changes = [user_data]
-  }
+  pop                  = each.key
+  name_prefix          = var.name_prefix
+  node_count           = each.value.node_count
+  gpus_per_node        = coalesce(each.value.gpus_per_node, var.gpus_per_node)
+  flavor_name          = coalesce(each.value.flavor_name, var.flavor_name)
+  image_name           = var.image_name
+  availability_zone    = each.value.availability_zone
+  network_name         = var.network_name
+  key_pair             = var.key_pair
+  security_group_names = [openstack_networking_secgroup_v2.gpu.name]
+  api_server_endpoint  = var.api_server_endpoint
+  join_token           = var.join_token
+  ca_cert_hash         = var.ca_cert_hash
 }

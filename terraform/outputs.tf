@@ -1,14 +1,11 @@
-output "node_names" {
-  description = "Names of the baseline GPU servers."
-  value       = openstack_compute_instance_v2.gpu[*].name
-}
+# runpod-autoscaler reads these from `terraform output -json` ([baseline] terraform_output).
 
-output "node_addresses" {
-  description = "Private IPv4 addresses of the baseline GPU servers."
-  value       = openstack_compute_instance_v2.gpu[*].access_ip_v4
+output "baseline_nodes" {
+  description = "Every baseline GPU server: name, PoP, GPUs and private address."
+  value       = flatten([for k in sort(keys(module.pop)) : module.pop[k].nodes])
 }
 
 output "baseline_gpus" {
-  description = "Set runpod-autoscaler's baseline.gpus to this."
-  value       = var.node_count * var.gpus_per_node
+  description = "GPUs of the whole baseline: the sum of baseline_nodes[*].gpus."
+  value       = sum(concat([0], flatten([for k in keys(module.pop) : module.pop[k].nodes[*].gpus])))
 }

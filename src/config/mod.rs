@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod baseline;
 mod checkpoint;
 mod reconcile;
 
+pub use baseline::{parse_terraform_output, BaselineConfig, TerraformBaseline};
 pub use checkpoint::{byte_size, CheckpointConfig};
 pub use reconcile::{
     public_key_path, JoinConfig, JoinMode, KubeTemplate, Mode, OfferConfig, ReconcileConfig,
@@ -130,14 +132,6 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// CA that client certificates must chain to; when set, clients must present one.
     pub client_ca_file: Option<PathBuf>,
-}
-
-/// The local baseline (OpenStack GPU servers made by Terraform).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BaselineConfig {
-    /// GPU workers the baseline provides; counted before any RunPod pod.
-    pub gpus: u32,
 }
 
 /// Scaling policy and hard limits (see the README's configuration reference).
@@ -567,16 +561,19 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError::Parse(describe_figment(e)))?;
         config.runpod.apply_env();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        config.baseline.resolve(dir)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Parses TOML text (no environment), then validates. For tests and `check-config` input.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = Figment::new()
+        let mut config: Config = Figment::new()
             .merge(Toml::string(text))
             .extract()
             .map_err(|e| ConfigError::Parse(describe_figment(e)))?;
+        config.baseline.resolve(Path::new("."))?;
         config.validate()?;
         Ok(config)
     }
