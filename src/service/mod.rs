@@ -429,9 +429,12 @@ impl Ticker {
         m.max_usd_per_hour
             .set(self.policy.max_usd_per_hour.dollars());
         for s in status {
+            let labels = vec![("signal", s.signal.as_str().to_owned())];
             m.signal_stale
-                .get_or_create(&vec![("signal", s.signal.as_str().to_owned())])
+                .get_or_create(&labels)
                 .set(i64::from(!s.fresh));
+            // Failed polls count from 0, so the first failure shows in rate() and increase().
+            let _ = m.signal_failures.get_or_create(&labels);
             if let Some(age) = s.age {
                 m.signal_age_seconds
                     .get_or_create(&vec![("signal", s.signal.as_str().to_owned())])
