@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t runpod-autoscaler .
-FROM rust:1.88-bookworm AS build
+FROM rust:1.90-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
