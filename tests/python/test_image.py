@@ -100,3 +100,23 @@ def test_a_missing_copy_is_caught():
     assert "COPY benches benches" in dockerfile
     problems = copy_problems(dockerfile.replace("COPY benches benches\n", ""), manifest())
     assert any(p.startswith("benches/") for p in problems), problems
+
+
+def test_hadolint_catches_a_broken_dockerfile():
+    import shutil
+    import sys
+    import tempfile
+
+    tool = shutil.which("hadolint", path=str(pathlib.Path(sys.executable).parent)) or "hadolint"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    # An unpinned package, an untagged base image and no cleanup of the apt lists.
+    broken = dockerfile.replace("ca-certificates=20230311* libssl3=3.0.*", "ca-certificates libssl3")
+    broken = broken.replace(" \\\n && rm -rf /var/lib/apt/lists/*", "")
+    broken = broken.replace("FROM debian:bookworm-slim", "FROM debian")
+    assert broken != dockerfile
+    with tempfile.NamedTemporaryFile("w", suffix=".Dockerfile", delete=False) as f:
+        f.write(broken)
+    r = subprocess.run([tool, f.name], capture_output=True, text=True)
+    assert r.returncode != 0
+    for rule in ["DL3008", "DL3006", "DL3009"]:
+        assert rule in r.stdout, r.stdout
