@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
 import pytest
@@ -230,14 +231,24 @@ def test_every_metric_the_rules_name_is_exported():
          "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+    def missing_from(exported):
+        return [n for n in sorted(names) if not re.search(rf"^{n}(\{{| )", exported, re.M)]
+
     try:
         listening = json.loads(proc.stdout.readline())
-        with urllib.request.urlopen(f"http://{listening['http']}/metrics", timeout=10) as r:
-            exported = r.read().decode()
+        # Per-signal series appear with the first sample of each signal (the first poll and
+        # tick after start, sooner or later on a loaded machine): wait for them, bounded.
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(f"http://{listening['http']}/metrics", timeout=10) as r:
+                exported = r.read().decode()
+            if not missing_from(exported) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    missing = [n for n in sorted(names) if not re.search(rf"^{n}(\{{| )", exported, re.M)]
+    missing = missing_from(exported)
     assert not missing, f"rules name metrics the service does not export: {missing}"
 
 
