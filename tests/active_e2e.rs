@@ -7,14 +7,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runpod_autoscaler::clock::SystemClock;
-use runpod_autoscaler::emulator::{sshd, EmulatorConfig, RunningEmulator};
-use runpod_autoscaler::model::{PodState, Secret};
+use runpod_autoscaler::emulator::{sshd, RunningEmulator};
+use runpod_autoscaler::model::PodState;
 use runpod_autoscaler::signals::kafka::{
     KafkaLagSettings, KafkaSecurity, LagOptions, OffsetResetPolicy,
 };
@@ -35,16 +34,7 @@ async fn a_backlog_is_bought_for_worked_off_on_pods_and_then_nothing_is_left() {
     tansu.commit(GROUP, TOPIC, &even_commits(4, 0));
     let exporter = Exporter::latency("job_latency_seconds").await;
     let prometheus = Prometheus::start(&[exporter.addr]).await;
-    let emu = RunningEmulator::start_local(
-        EmulatorConfig {
-            api_keys: vec![Secret::new(KEY)],
-            boot_delay: Duration::from_secs(1),
-            ..EmulatorConfig::default()
-        },
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let emu = support::active::emulator(KEY).await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("id_ed25519");
     sshd::generate_key(&key, "rpa-e2e").unwrap();
@@ -98,24 +88,8 @@ worker_env = {{ WORK_MS_PER_JOB = "40" }}
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runpod-autoscaler"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env("RUNPOD_API_URL", emu.api_url())
-        .env("RUNPOD_GRAPHQL_URL", emu.graphql_url())
-        .env("RUNPOD_API_KEY", KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let listening: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let http: std::net::SocketAddr = listening["http"].as_str().unwrap().parse().unwrap();
+    let support::active::Serve { mut child, http } =
+        support::active::serve(&config, &emu, KEY, "warn", Stdio::null(), &[]);
 
     let lag = KafkaLagSource::new(
         KafkaLagSettings {

@@ -11,16 +11,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use runpod_autoscaler::checkpoint::{CheckpointStore, S3Store};
-use runpod_autoscaler::clock::SystemClock;
-use runpod_autoscaler::emulator::{sshd, AdminPod, EmulatorConfig, RunningEmulator};
-use runpod_autoscaler::model::Secret;
+use runpod_autoscaler::emulator::{sshd, AdminPod, RunningEmulator};
 use support::s3::{S3s, ACCESS_KEY, BUCKET, SECRET_KEY};
 use support::{even_commits, example_binary, Tansu};
 
@@ -108,16 +104,7 @@ async fn story(
     tansu.produce(topic, 2, jobs);
     tansu.commit("ckpt-workers", topic, &even_commits(2, 0));
     let s3 = S3s::start().await;
-    let emu = RunningEmulator::start_local(
-        EmulatorConfig {
-            api_keys: vec![Secret::new(KEY)],
-            boot_delay: Duration::from_secs(1),
-            ..EmulatorConfig::default()
-        },
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let emu = support::active::emulator(KEY).await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("id_ed25519");
     sshd::generate_key(&key, "rpa-ckpt-e2e").unwrap();
@@ -178,25 +165,9 @@ max_bid_per_gpu = 0.20
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runpod-autoscaler"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env("RUNPOD_API_URL", emu.api_url())
-        .env("RUNPOD_GRAPHQL_URL", emu.graphql_url())
-        .env("RUNPOD_API_KEY", KEY)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
-    let listening: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let http = listening["http"].as_str().unwrap().parse().unwrap();
+    let serve_log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let support::active::Serve { child, http } =
+        support::active::serve(&config, &emu, KEY, "info", serve_log.into(), &[]);
     Story {
         http,
         _tansu: tansu,

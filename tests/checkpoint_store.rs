@@ -360,14 +360,7 @@ async fn racing_writers_never_share_parts() {
     assert!(conflicts >= 1, "the writers never raced for a seq");
 
     // Every manifest restores exactly its own writer's directory.
-    let complete: Vec<u64> = first
-        .list(Some("shared"))
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|g| g.complete)
-        .map(|g| g.seq)
-        .collect();
+    let complete = complete_seqs(&first, "shared").await;
     assert_eq!(complete, seqs);
     for seq in complete {
         let m = first.manifest("shared", seq).await.unwrap().unwrap();
@@ -399,14 +392,7 @@ async fn retention_keeps_exactly_n_and_gc_collects_abandoned_uploads() {
         let out = store.checkpoint("job-k", src.path(), &o).await.unwrap();
         assert_eq!(out.manifest.seq, step);
         assert_eq!(out.pruned, usize::from(step > 2));
-        let complete: Vec<u64> = store
-            .list(Some("job-k"))
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|g| g.complete)
-            .map(|g| g.seq)
-            .collect();
+        let complete = complete_seqs(&store, "job-k").await;
         assert_eq!(
             complete,
             (step.saturating_sub(1).max(1)..=step).collect::<Vec<_>>()
@@ -603,4 +589,16 @@ async fn a_directory_without_bytes_round_trips() {
         .await
         .unwrap();
     assert_eq!((out.manifest.seq, out.manifest.files.len()), (2, 0));
+}
+
+/// The seqs of `job`'s complete generations, oldest first.
+async fn complete_seqs(store: &S3Store, job: &str) -> Vec<u64> {
+    store
+        .list(Some(job))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|g| g.complete)
+        .map(|g| g.seq)
+        .collect()
 }

@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,29 +82,8 @@ worker_command = "true"
 
 /// `serve` with the queue lag fixed at `lag`, on free ports; returns once it is listening.
 fn serve(config: &std::path::Path, emu: &RunningEmulator, lag: u32) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runpod-autoscaler"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .env("RUNPOD_API_URL", emu.api_url())
-        .env("RUNPOD_GRAPHQL_URL", emu.graphql_url())
-        .env("RUNPOD_API_KEY", KEY)
-        .env("RUNPOD_AUTOSCALER__SIGNALS__QUEUE__VALUE", lag.to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting runpod-autoscaler");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("reading the listening line");
-    assert!(
-        line.contains("listening"),
-        "the service did not start: {line:?}"
-    );
-    child
+    let env = [("RUNPOD_AUTOSCALER__SIGNALS__QUEUE__VALUE", lag.to_string())];
+    support::active::serve(config, emu, KEY, "warn", Stdio::null(), &env).child
 }
 
 fn sigkill(child: &mut Child) {

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 #[cfg(feature = "emulator")]
+pub mod active;
+#[cfg(feature = "emulator")]
 pub mod fleet;
 pub mod s3;
 pub mod service;
