@@ -37,11 +37,12 @@ pub struct StoreArgs {
     /// Configuration file; only its `[checkpoint]` table is read.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Bucket (overrides checkpoint.bucket); with it no configuration file is needed.
-    #[arg(long, env = "RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET")]
+    /// Bucket (overrides checkpoint.bucket and RUNPOD_AUTOSCALER__CHECKPOINT__BUCKET); with
+    /// it no configuration file is needed.
+    #[arg(long)]
     bucket: Option<String>,
-    /// Key prefix (overrides checkpoint.prefix).
-    #[arg(long, env = "RUNPOD_AUTOSCALER__CHECKPOINT__PREFIX")]
+    /// Key prefix (overrides checkpoint.prefix and RUNPOD_AUTOSCALER__CHECKPOINT__PREFIX).
+    #[arg(long)]
     prefix: Option<String>,
 }
 

@@ -198,6 +198,9 @@ pub trait CheckpointCheck: Send + Sync {
     ) -> Result<Option<Timestamp>, String>;
 }
 
+/// Verified generations [`StoreCheck`] remembers at most (far more than jobs draining at once).
+const VERIFIED_REMEMBERED: usize = 4096;
+
 /// [`CheckpointCheck`] over the checkpoint store: the newest manifest of the job, if the pod
 /// asked about wrote it since the time asked, with every part read back and hashed. A verified generation is
 /// remembered, so a draining pod's job is verified once, not at every tick.
@@ -241,10 +244,12 @@ impl CheckpointCheck for StoreCheck {
                 .verify(&manifest)
                 .await
                 .map_err(|e| e.to_string())?;
-            self.verified
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key);
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            // Only generations of pods draining now matter: forget old ones rather than grow.
+            if verified.len() >= VERIFIED_REMEMBERED {
+                verified.clear();
+            }
+            verified.insert(key);
         }
         Ok(Some(manifest.created))
     }
