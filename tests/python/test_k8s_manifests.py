@@ -5,6 +5,7 @@ hardening the service promises, and carry configuration and trigger metadata the
 accepts. Every kind of check is also shown to fail on a deliberately broken copy."""
 
 import copy
+import json
 import os
 import pathlib
 import shutil
@@ -139,10 +140,15 @@ def test_a_broken_overlay_fails_to_render():
         assert kustomize(dev).returncode != 0
 
 
-def test_monitoring_is_included_when_it_has_a_kustomization():
-    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    has = (K8S / "monitoring" / "kustomization.yaml").is_file()
-    assert ("../monitoring" in base["resources"]) == has
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_ships_the_alert_rules_and_the_dashboard(rendered, overlay):
+    docs = rendered[overlay]
+    rule = one(docs, "PrometheusRule")
+    assert rule["spec"]["groups"], rule
+    dashboard = one(docs, "ConfigMap", "runpod-autoscaler-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (body,) = dashboard["data"].values()
+    assert json.loads(body)["panels"]
 
 
 # ---------------------------------------------------------------------------------------------
