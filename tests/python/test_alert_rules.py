@@ -1,20 +1,16 @@
 """Alert rules (k8s/monitoring): promtool accepts them, their unit tests pass (each alert fires
-and stays quiet when it should), deliberately broken copies fail, every metric they name is one
-the running service exports, and the PrometheusRule carries exactly the rule files' groups.
+and stays quiet when it should), deliberately broken copies fail, and the PrometheusRule carries exactly the rule files'
+groups. (test_dashboard.py checks that every rule expression names only exported metrics.)
 
 `python tests/python/test_alert_rules.py --write` regenerates prometheusrule.yaml from the
 *.rules.yaml files."""
 
-import json
-import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 import pytest
 import yaml
@@ -22,7 +18,6 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 PROMETHEUS_RULE = MONITORING / "prometheusrule.yaml"
-BINARY = pathlib.Path(os.environ.get("RPA_BINARY", ROOT / "target" / "debug" / "runpod-autoscaler"))
 PROMTOOL = shutil.which("promtool")
 
 needs_promtool = pytest.mark.skipif(
@@ -219,37 +214,6 @@ def test_kustomization_lists_the_rule_and_the_dashboard():
         src = entry.split("=", 1)[-1]
         assert (MONITORING / src).is_file(), src
     assert any(e.endswith("dashboard.json") for e in gen["files"])
-
-
-def test_every_metric_the_rules_name_is_exported():
-    names = set()
-    for f in rule_files():
-        names |= set(re.findall(r"\brunpod_autoscaler_[a-z0-9_]+", f.read_text()))
-    assert names
-    proc = subprocess.Popen(
-        [str(BINARY), "serve", "--config", str(ROOT / "examples" / "static.toml"),
-         "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    def missing_from(exported):
-        return [n for n in sorted(names) if not re.search(rf"^{n}(\{{| )", exported, re.M)]
-
-    try:
-        listening = json.loads(proc.stdout.readline())
-        # Per-signal series appear with the first sample of each signal (the first poll and
-        # tick after start, sooner or later on a loaded machine): wait for them, bounded.
-        deadline = time.monotonic() + 20
-        while True:
-            with urllib.request.urlopen(f"http://{listening['http']}/metrics", timeout=10) as r:
-                exported = r.read().decode()
-            if not missing_from(exported) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-    missing = missing_from(exported)
-    assert not missing, f"rules name metrics the service does not export: {missing}"
 
 
 if __name__ == "__main__":
