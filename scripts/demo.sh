@@ -39,6 +39,23 @@ wait_until() {
   echo "timed out waiting for $what" >&2; return 1
 }
 
+# start_serve NAME CONFIG [VAR=VALUE...]: `serve` with CONFIG and the extra environment on free
+# ports, stdout through a fifo, stderr to $WORK/NAME.log; returns once it listens, with
+# SERVE_PID, SERVE_GRPC and SERVE_HTTP set (the fifo stays open on a new descriptor).
+start_serve() {
+  local name="$1" config="$2" line fd
+  shift 2
+  mkfifo "$WORK/$name"
+  env "$@" "$BIN" serve --config "$config" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+    >"$WORK/$name" 2>"$WORK/$name.log" &
+  SERVE_PID=$!
+  PIDS+=("$SERVE_PID")
+  exec {fd}<"$WORK/$name"
+  read -r -t 30 line <&"$fd" || { cat "$WORK/$name.log" >&2; exit 1; }
+  SERVE_GRPC=$(printf '%s' "$line" | sed -E 's/.*"grpc":"([^"]+)".*/\1/')
+  SERVE_HTTP=$(printf '%s' "$line" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+}
+
 KAFKA_PORT=$(free_port)
 log "starting tansu on 127.0.0.1:$KAFKA_PORT"
 "$RPA_TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
@@ -74,17 +91,10 @@ log "waiting for the first p95 (two scrapes)"
 wait_until "a p95 in Prometheus" has_p95
 
 log "starting the service (examples/local.toml: real Kafka lag, real Prometheus p95, baseline 2 GPUs)"
-mkfifo "$WORK/out"
-RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
-RUNPOD_AUTOSCALER__SIGNALS__LATENCY__SERVER_ADDRESS="http://127.0.0.1:$PROM_PORT" \
-  "$BIN" serve --config examples/local.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-  >"$WORK/out" 2>"$WORK/service.log" &
-SERVICE=$!
-PIDS+=($SERVICE)
-exec 3<"$WORK/out"
-read -r -t 30 LISTENING <&3 || { cat "$WORK/service.log" >&2; exit 1; }
-GRPC=$(printf '%s' "$LISTENING" | sed -E 's/.*"grpc":"([^"]+)".*/\1/')
-HTTP=$(printf '%s' "$LISTENING" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+start_serve service examples/local.toml \
+  RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+  RUNPOD_AUTOSCALER__SIGNALS__LATENCY__SERVER_ADDRESS="http://127.0.0.1:$PROM_PORT"
+SERVICE=$SERVE_PID GRPC=$SERVE_GRPC HTTP=$SERVE_HTTP
 log "gRPC on $GRPC, HTTP on $HTTP"
 wait_until "the first plan" curl -fsS "http://$HTTP/readyz"
 
@@ -150,21 +160,15 @@ log "ACTIVE MODE: the autoscaler buys, bootstraps, health-checks, drains and ter
 # A backlog on its own topic: 200 jobs on 4 partitions, nothing done yet by group burst-workers.
 ./target/debug/examples/demo_seed "127.0.0.1:$KAFKA_PORT" burst-jobs 4 200 burst-workers 0
 ssh-keygen -q -t ed25519 -N '' -C rpa-demo -f "$WORK/id_ed25519"
-mkfifo "$WORK/active"
-RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
-RUNPOD_AUTOSCALER__SIGNALS__QUEUE__TOPICS='["burst-jobs"]' \
-RUNPOD_AUTOSCALER__SIGNALS__QUEUE__CONSUMER_GROUP=burst-workers \
-RUNPOD_AUTOSCALER__SIGNALS__LATENCY__SERVER_ADDRESS="http://127.0.0.1:$PROM_PORT" \
-RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state" \
-RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
-RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="exec $ROOT/target/debug/examples/gpu_worker" \
-  "$BIN" serve --config examples/emulator.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-  >"$WORK/active" 2>"$WORK/active.log" &
-ACTIVE=$!
-PIDS+=($ACTIVE)
-exec 5<"$WORK/active"
-read -r -t 30 ACTIVE_LINE <&5 || { cat "$WORK/active.log" >&2; exit 1; }
-AHTTP=$(printf '%s' "$ACTIVE_LINE" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+start_serve active examples/emulator.toml \
+  RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+  RUNPOD_AUTOSCALER__SIGNALS__QUEUE__TOPICS='["burst-jobs"]' \
+  RUNPOD_AUTOSCALER__SIGNALS__QUEUE__CONSUMER_GROUP=burst-workers \
+  RUNPOD_AUTOSCALER__SIGNALS__LATENCY__SERVER_ADDRESS="http://127.0.0.1:$PROM_PORT" \
+  RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state" \
+  RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
+  RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="exec $ROOT/target/debug/examples/gpu_worker"
+ACTIVE=$SERVE_PID AHTTP=$SERVE_HTTP
 log "watching the fleet (/debug/plan) while the 200 jobs are worked off (each pod runs examples/gpu_worker)"
 AHTTP="$AHTTP" RUNPOD_API_URL="$RUNPOD_API_URL" python3 - <<'PY'
 import json, os, sys, time, urllib.request
@@ -227,19 +231,12 @@ wait_until "s3s-fs" bash -c "exec 3<>/dev/tcp/127.0.0.1/$S3_PORT"
 export RUNPOD_AUTOSCALER__CHECKPOINT__ENDPOINT="http://127.0.0.1:$S3_PORT" \
   RUNPOD_AUTOSCALER__CHECKPOINT__ACCESS_KEY_ID=demo-access \
   RUNPOD_AUTOSCALER__CHECKPOINT__SECRET_ACCESS_KEY=demo-secret-0123456789
-mkfifo "$WORK/ckpt"
-RUST_LOG=info \
-RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
-RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state-ckpt" \
-RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
-RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="RPA_AGENT=$BIN exec $ROOT/target/debug/examples/gpu_worker" \
-  "$BIN" serve --config examples/checkpoint.toml --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-  >"$WORK/ckpt" 2>"$WORK/ckpt.log" &
-CKPT=$!
-PIDS+=($CKPT)
-exec 6<"$WORK/ckpt"
-read -r -t 30 CKPT_LINE <&6 || { cat "$WORK/ckpt.log" >&2; exit 1; }
-CHTTP=$(printf '%s' "$CKPT_LINE" | sed -E 's/.*"http":"([^"]+)".*/\1/')
+start_serve ckpt examples/checkpoint.toml RUST_LOG=info \
+  RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
+  RUNPOD_AUTOSCALER__RECONCILE__STATE_DIR="$WORK/state-ckpt" \
+  RUNPOD_AUTOSCALER__RECONCILE__SSH_KEY_FILE="$WORK/id_ed25519" \
+  RUNPOD_AUTOSCALER__JOIN__WORKER_COMMAND="RPA_AGENT=$BIN exec $ROOT/target/debug/examples/gpu_worker"
+CKPT=$SERVE_PID CHTTP=$SERVE_HTTP
 log "following the workers' logs on the pods and the service's drain decisions"
 CHTTP="$CHTTP" SERVE_LOG="$WORK/ckpt.log" RUNPOD_API_URL="$RUNPOD_API_URL" python3 - <<'PY'
 import json, os, re, sys, time, urllib.request
