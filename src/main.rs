@@ -177,6 +177,7 @@ enum PodsCommand {
 enum PolicyChoice {
     Seed,
     Target,
+    Cost,
     All,
 }
 
@@ -496,6 +497,7 @@ fn run_simulation(
     let kinds: Vec<PolicyKind> = match choice {
         PolicyChoice::Seed => vec![PolicyKind::Seed],
         PolicyChoice::Target => vec![PolicyKind::Target],
+        PolicyChoice::Cost => vec![PolicyKind::Cost],
         PolicyChoice::All => PolicyKind::ALL.to_vec(),
     };
     let params = SimParams {
@@ -510,25 +512,17 @@ fn run_simulation(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        let reports = kinds
-            .iter()
-            .map(|&kind| {
-                let mut policy = base_policy.clone();
-                policy.kind = kind;
-                simulate::simulate(&trace, &policy, &params)
-            })
-            .collect::<Vec<_>>();
-        results.push((name, reports));
+        results.push(simulate::compare(
+            &name,
+            &trace,
+            &base_policy,
+            &kinds,
+            &params,
+        ));
     }
     match output {
         Output::Text => print!("{}", simulate::render_table(&results)),
-        Output::Json => {
-            let json: Vec<_> = results
-                .iter()
-                .map(|(name, reports)| serde_json::json!({"trace": name, "results": reports}))
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&json)?);
-        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(&results)?),
     }
     Ok(())
 }

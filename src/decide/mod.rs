@@ -6,6 +6,7 @@
 //! `max_launches_per_tick`, counting pods still booting), never scales down on a stale signal,
 //! and removes only pods past their warm-up grace and idle timeout.
 
+mod cost;
 pub mod offers;
 mod plan;
 mod seed;
@@ -46,6 +47,31 @@ struct Want {
 struct ScaleDown {
     idle_timeout: Duration,
     warmup_grace: Duration,
+    /// Each pod waits its own share of `idle_timeout` ([`idle_share`]) instead of all of it.
+    spread_idle: bool,
+}
+
+/// The share of the break-even idle time a pod waits before it goes: between half and all of
+/// it, drawn once per pod from its id (deterministic), following the randomized ski-rental
+/// density `e^x / (e − 1)`. A burst's pods then leave over the second half of the break-even
+/// time instead of all at its end, while a pod on a steady load is never dropped on its first
+/// short idle spell.
+fn idle_share(pod: &PodId) -> f64 {
+    // FNV-1a over the id, then MurmurHash3's 64-bit finalizer so that ids differing in their
+    // last characters spread over the high bits too: a fixed hash, only its uniformity matters.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in pod.0.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
+    let uniform = (hash >> 11) as f64 / (1u64 << 53) as f64;
+    let ski_rental = (1.0 + uniform * (std::f64::consts::E - 1.0)).ln();
+    0.5 + 0.5 * ski_rental
 }
 
 /// Decides what to do now. Pure: see the module documentation.
@@ -71,6 +97,7 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
     let want = match policy.kind {
         PolicyKind::Seed => seed::want(view, signals, policy, now),
         PolicyKind::Target => target::want(view, signals, policy, now),
+        PolicyKind::Cost => cost::want(view, signals, policy, now),
     };
     let mut plan = Plan {
         at: now,
@@ -330,7 +357,12 @@ fn scale_down(
             return true;
         }
         let idle_for = pod.idle_for(now);
-        if pod.is_warming(now, rules.warmup_grace) || idle_for < rules.idle_timeout {
+        let timeout = if rules.spread_idle {
+            rules.idle_timeout.mul_f64(idle_share(&pod.id))
+        } else {
+            rules.idle_timeout
+        };
+        if pod.is_warming(now, rules.warmup_grace) || idle_for < timeout {
             not_idle += 1;
             return true;
         }

@@ -80,6 +80,7 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
         scale_down: empty.then_some(ScaleDown {
             idle_timeout: IDLE_TIMEOUT,
             warmup_grace: Duration::ZERO,
+            spread_idle: false,
         }),
         holds: Vec::new(),
     }

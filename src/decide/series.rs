@@ -80,6 +80,11 @@ impl Series {
         self.samples.back().copied()
     }
 
+    /// The sample before the newest.
+    pub fn previous(&self) -> Option<Sample> {
+        self.samples.len().checked_sub(2).map(|i| self.samples[i])
+    }
+
     /// When the value was last above zero, if ever seen.
     pub fn last_nonzero_at(&self) -> Option<Timestamp> {
         self.last_nonzero_at

@@ -5,12 +5,44 @@
 //! signal holds: its last value is still reported (and served to KEDA), but it neither adds
 //! capacity nor lets capacity go.
 
-use super::{ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Signals, Want};
+use std::time::Duration;
+
+use super::{ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Series, Signals, Want};
 use crate::model::Timestamp;
+
+/// How the tracking rule scales: the target policy's settings, or the cost-aware policy's
+/// (see `cost.rs`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Tuning {
+    /// Size scale-up for the lag projected this far ahead along its recent trend (zero: the
+    /// lag as it is now).
+    pub(super) lookahead: Duration,
+    /// Scale down only to the highest demand seen within this window.
+    pub(super) window: Duration,
+    /// Any SLO breach within the window keeps the current capacity.
+    pub(super) hold_on_breach: bool,
+    /// A surplus pod goes after being idle this long.
+    pub(super) idle_timeout: Duration,
+    /// Each pod waits its own ski-rental share of `idle_timeout` (see `decide/mod.rs`).
+    pub(super) spread_idle: bool,
+}
+
+impl Tuning {
+    /// The target policy: the configured window and idle timeout, held by any breach.
+    pub(super) fn target(policy: &Policy) -> Tuning {
+        Tuning {
+            lookahead: Duration::ZERO,
+            window: policy.scale_down_stabilization,
+            hold_on_breach: true,
+            idle_timeout: policy.idle_timeout,
+            spread_idle: false,
+        }
+    }
+}
 
 /// GPU workers needed to absorb a lag sample: ⌈lag / lag_per_gpu⌉, but never more than the
 /// workers that lag can keep busy (one per Kafka partition that counts).
-fn lag_gpus(sample: &Sample, lag_per_gpu: f64) -> u32 {
+pub(super) fn lag_gpus(sample: &Sample, lag_per_gpu: f64) -> u32 {
     if sample.value <= 0.0 {
         return 0;
     }
@@ -18,7 +50,40 @@ fn lag_gpus(sample: &Sample, lag_per_gpu: f64) -> u32 {
     gpus.min(sample.max_workers.unwrap_or(u32::MAX))
 }
 
+/// The lag `lookahead` from now if it keeps the trend of its two newest samples; never below
+/// the newest (a falling lag is not counted on before it falls).
+fn projected(queue: &Series, lookahead: Duration) -> Option<Sample> {
+    let latest = queue.latest()?;
+    if lookahead.is_zero() {
+        return Some(latest);
+    }
+    let Some(previous) = queue.previous() else {
+        return Some(latest);
+    };
+    let dt = latest
+        .observed_at
+        .saturating_since(previous.observed_at)
+        .as_secs_f64();
+    if dt <= 0.0 {
+        return Some(latest);
+    }
+    let slope = (latest.value - previous.value) / dt;
+    let value = latest.value + slope.max(0.0) * lookahead.as_secs_f64();
+    Some(Sample { value, ..latest })
+}
+
 pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: Timestamp) -> Want {
+    tracked(view, signals, policy, now, Tuning::target(policy))
+}
+
+/// Target tracking with `tuning`.
+pub(super) fn tracked(
+    view: &ClusterView,
+    signals: &Signals,
+    policy: &Policy,
+    now: Timestamp,
+    tuning: Tuning,
+) -> Want {
     let per_pod = policy.pod.gpus.max(1);
     let capacity_gpus: u32 = view.capacity_pods().map(|p| p.gpus).sum();
     let total_now = view.baseline_gpus.saturating_add(capacity_gpus);
@@ -27,7 +92,8 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
 
     let latest_lag = signals.queue.latest();
     let lag = latest_lag.map_or(0.0, |s| s.value);
-    let by_lag = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+    let by_lag =
+        projected(&signals.queue, tuning.lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
     let lag_fresh = signals.queue.is_fresh(now, intervals);
 
     let latency = signals.latency.as_ref();
@@ -94,14 +160,14 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
     if runpod_gpus < capacity_gpus {
         // Stabilization: the highest demand within the window wins; any SLO breach in the
         // window keeps the current capacity.
-        let since = now.minus(policy.scale_down_stabilization);
+        let since = now.minus(tuning.window);
         let window_lag_gpus = signals
             .queue
             .since(since)
             .map(|s| lag_gpus(s, policy.lag_per_gpu))
             .fold(by_lag, u32::max);
-        let breached =
-            latency.is_some_and(|l| l.since(since).any(|s| s.value > policy.slo_p95_seconds));
+        let breached = tuning.hold_on_breach
+            && latency.is_some_and(|l| l.since(since).any(|s| s.value > policy.slo_p95_seconds));
         let window_gpus = if breached {
             capacity_gpus
         } else {
@@ -120,7 +186,8 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
         runpod_gpus,
         reason,
         scale_down: Some(ScaleDown {
-            idle_timeout: policy.idle_timeout,
+            idle_timeout: tuning.idle_timeout,
+            spread_idle: tuning.spread_idle,
             warmup_grace: policy.warmup_grace,
         }),
         holds,

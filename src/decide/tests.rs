@@ -608,13 +608,13 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn arb_policy()(seed in proptest::bool::ANY, min_pods in 0u32..3, max_pods in 0u32..15,
+    fn arb_policy()(kind in 0usize..3, min_pods in 0u32..3, max_pods in 0u32..15,
                     budget in 0.0f64..20.0, rate in 1u32..20, gpus in 1u32..=2, price in 0.05f64..3.0,
                     lag_per_gpu in 1.0f64..500.0, slo in 0.5f64..10.0, step in 1u32..4,
                     stab in 0u64..600, idle in 0u64..600, grace in 0u64..600,
                     boot in 60u64..1800) -> Policy {
         Policy {
-            kind: if seed { PolicyKind::Seed } else { PolicyKind::Target },
+            kind: PolicyKind::ALL[kind],
             min_pods: min_pods.min(max_pods),
             max_pods,
             max_usd_per_hour: Usd(budget),
@@ -792,4 +792,112 @@ fn hold_kind_matches_its_json_tag() {
         let json = serde_json::to_value(&hold).unwrap();
         assert_eq!(json["kind"], hold.kind(), "{hold:?}");
     }
+}
+
+/// A lag series with `values` sampled every `POLL`, the newest fresh.
+fn lag_series(values: &[f64]) -> Signals {
+    let mut queue = Series::new(POLL, Duration::from_secs(900));
+    let n = values.len() as u32;
+    for (i, v) in values.iter().enumerate() {
+        queue.push(Sample::at(*v, NOW.minus(POLL * (n - 1 - i as u32))));
+    }
+    Signals {
+        queue,
+        latency: None,
+    }
+}
+
+#[test]
+fn cost_scales_up_for_the_lag_projected_over_the_boot() {
+    let cost = policy(PolicyKind::Cost);
+    let target = policy(PolicyKind::Target);
+    // Lag rising 100 per 5 s poll: over the 180 s warm-up it would gain 3600, i.e. 36 more GPU
+    // workers; max_pods (10) caps the launch.
+    let rising = lag_series(&[300.0, 400.0]);
+    let plan = decide(&view(2, vec![]), &rising, &cost, NOW);
+    assert_eq!(plan.demand_gpus, 40, "{plan}");
+    assert_eq!(plan.launches(), 10, "{plan}");
+    // Target sizes for the lag as it is: 4 GPUs, 2 from the baseline.
+    let plan = decide(&view(2, vec![]), &rising, &target, NOW);
+    assert_eq!(plan.demand_gpus, 4, "{plan}");
+    assert_eq!(plan.launches(), 2, "{plan}");
+    // A slower rise projects proportionally: +10 per poll → +360 → 4 + 4 = 8 GPUs.
+    let plan = decide(&view(2, vec![]), &lag_series(&[390.0, 400.0]), &cost, NOW);
+    assert_eq!(plan.demand_gpus, 8, "{plan}");
+    assert_eq!(plan.launches(), 6, "{plan}");
+    // A falling lag is not counted on: the newest value decides.
+    let plan = decide(&view(2, vec![]), &lag_series(&[900.0, 400.0]), &cost, NOW);
+    assert_eq!(plan.demand_gpus, 4, "{plan}");
+    // One sample: no trend.
+    let plan = decide(&view(2, vec![]), &lag_series(&[400.0]), &cost, NOW);
+    assert_eq!(plan.demand_gpus, 4, "{plan}");
+    // Two samples at the same instant: no trend either (no division by zero).
+    let mut same = lag_series(&[400.0]);
+    same.queue.push(Sample::at(500.0, NOW));
+    let plan = decide(&view(2, vec![]), &same, &cost, NOW);
+    assert_eq!(plan.demand_gpus, 5, "{plan}");
+}
+
+/// `n` running one-GPU pods, warmed up long ago, each last busy `idle` ago.
+fn idle_pods(n: usize, idle: Duration) -> Vec<PodView> {
+    (0..n)
+        .map(|i| {
+            let mut p = pod(
+                &format!("pod-{i}"),
+                PodState::Running,
+                Duration::from_secs(3600),
+            );
+            p.last_busy_at = Some(NOW.minus(idle));
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn cost_releases_idle_pods_over_the_second_half_of_the_break_even() {
+    let mut cost = policy(PolicyKind::Cost);
+    cost.max_pods = 30;
+    cost.max_usd_per_hour = Usd(100.0);
+    // Break-even: min(idle_timeout 120 s, warm-up 180 s) = 120 s; each pod waits 60–120 s.
+    let quiet = lag_series(&[0.0]);
+    let gone = |idle_s: u64| {
+        decide(
+            &view(2, idle_pods(20, Duration::from_secs(idle_s))),
+            &quiet,
+            &cost,
+            NOW,
+        )
+        .terminations()
+    };
+    assert_eq!(gone(59), 0);
+    let midway = gone(90);
+    assert!(0 < midway && midway < 20, "{midway} of 20 gone at 90 s");
+    assert_eq!(gone(120), 20);
+    // The count only grows with idle time.
+    let counts: Vec<usize> = (55..=125).step_by(5).map(gone).collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    // No stabilization window: a high lag a minute ago does not hold idle pods (target's would).
+    let was_busy = lag_series(&[5000.0, 0.0]);
+    let pods = idle_pods(3, Duration::from_secs(150));
+    let plan = decide(&view(2, pods.clone()), &was_busy, &cost, NOW);
+    assert_eq!(plan.terminations(), 3, "{plan}");
+    let mut target = policy(PolicyKind::Target);
+    target.idle_timeout = Duration::from_secs(120);
+    let plan = decide(&view(2, pods), &was_busy, &target, NOW);
+    assert_eq!(plan.terminations(), 0, "{plan}");
+}
+
+#[test]
+fn idle_shares_lie_in_the_second_half_and_spread() {
+    let shares: Vec<f64> = (0..1000)
+        .map(|i| idle_share(&PodId::from(format!("pod-{i}").as_str())))
+        .collect();
+    assert!(shares.iter().all(|s| (0.5..=1.0).contains(s)));
+    assert_eq!(idle_share(&PodId::from("a")), idle_share(&PodId::from("a")));
+    // The ski-rental density e^x / (e − 1) on [0, 1] has mean 1 / (e − 1) ≈ 0.582, so the mean
+    // share is 0.5 + 0.5 × 0.582 ≈ 0.791; P(x < 0.5) = (√e − 1) / (e − 1) ≈ 0.378.
+    let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+    assert!((mean - 0.791).abs() < 0.02, "mean share {mean}");
+    let below = shares.iter().filter(|s| **s < 0.75).count();
+    assert!((330..430).contains(&below), "{below} of 1000 below 0.75");
 }

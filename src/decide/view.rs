@@ -90,17 +90,21 @@ pub enum PolicyKind {
     Seed,
     /// Target tracking: lag per GPU, latency step-up, baseline first, stabilized scale-down.
     Target,
+    /// Target tracking priced for pods that bill while booting: scale-up for the lag projected
+    /// over the boot, scale-down after the ski-rental break-even (see `decide/cost.rs`).
+    Cost,
 }
 
 impl PolicyKind {
     /// Every policy, for side-by-side comparisons.
-    pub const ALL: [PolicyKind; 2] = [PolicyKind::Seed, PolicyKind::Target];
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Seed, PolicyKind::Target, PolicyKind::Cost];
 
     /// The configuration spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::Seed => "seed",
             PolicyKind::Target => "target",
+            PolicyKind::Cost => "cost",
         }
     }
 }

@@ -22,11 +22,13 @@
 //! Each tick: observe → `decide` → apply the plan → serve work → accrue cost → record the SLO.
 //! Everything is pure and deterministic: no wall clock, no randomness.
 
+mod bound;
 mod trace;
 
 #[cfg(test)]
 mod tests;
 
+pub use bound::{lower_bound, lower_bound_where, BoundError, LowerBound};
 pub use trace::{Trace, TraceError};
 
 use std::fmt::Write as _;
@@ -224,6 +226,74 @@ impl Cursor<'_> {
     }
 }
 
+/// What the world brings in one simulated tick, whatever the policy: the same for every
+/// policy and for the lower bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tick {
+    /// Start, milliseconds on the trace's clock.
+    at_ms: u64,
+    /// Length in milliseconds (the last tick may be shorter).
+    dt_ms: u64,
+    /// Jobs arriving during the tick.
+    arrivals: f64,
+    /// Service-time p95 at the tick's start (seconds).
+    service_s: f64,
+}
+
+impl Tick {
+    /// Length in seconds.
+    fn dt_s(&self) -> f64 {
+        self.dt_ms as f64 / 1000.0
+    }
+}
+
+/// The simulated tick length in milliseconds (at least 1).
+fn tick_ms(params: &SimParams) -> u64 {
+    u64::try_from(params.tick.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// The ticks from the first row's time to the end of the last row's interval.
+fn ticks(trace: &Trace, params: &SimParams) -> Vec<Tick> {
+    let tick_ms = tick_ms(params);
+    let service_s = sane(params.service_seconds);
+    let end_ms = trace.end_ms();
+    let mut cursor = Cursor { trace, next: 0 };
+    let mut ticks = Vec::new();
+    let mut t = trace.start_ms();
+    while t < end_ms {
+        let dt_ms = tick_ms.min(end_ms - t);
+        ticks.push(Tick {
+            at_ms: t,
+            dt_ms,
+            service_s: cursor.p95_at(t).unwrap_or(service_s),
+            arrivals: cursor.arrivals(t, t + dt_ms),
+        });
+        t = t.saturating_add(tick_ms);
+    }
+    ticks
+}
+
+/// Modeled p95 (seconds) of a tick that starts with `queue` jobs waiting and `gpus` serving
+/// at `per_gpu_per_s` jobs per second each: service time plus the time the backlog takes.
+fn modeled_p95(service_s: f64, queue: f64, gpus: u32, per_gpu_per_s: f64) -> f64 {
+    let capacity_per_s = f64::from(gpus) * per_gpu_per_s;
+    let wait_s = if queue <= 0.0 {
+        0.0
+    } else if capacity_per_s <= 0.0 {
+        NO_CAPACITY_WAIT_S
+    } else {
+        queue / capacity_per_s
+    };
+    service_s + wait_s
+}
+
+/// The wall-clock minute (from trace start) a tick falls in.
+fn minute_of(tick: &Tick, start_ms: u64) -> u64 {
+    (tick.at_ms - start_ms) / 60_000
+}
+
 /// Replays `trace` through [`crate::decide::decide`] with `policy`; see the module
 /// documentation for the model. Pure and deterministic.
 pub fn simulate(trace: &Trace, policy: &Policy, params: &SimParams) -> SimReport {
@@ -241,12 +311,8 @@ fn sane(x: f64) -> f64 {
 
 /// [`simulate`], also returning the per-tick timeline.
 fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<TickRecord>) {
-    let tick_ms = u64::try_from(params.tick.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let tick = Duration::from_millis(tick_ms);
+    let tick = Duration::from_millis(tick_ms(params));
     let per_gpu_per_s = sane(params.jobs_per_gpu_per_minute) / 60.0;
-    let service_s = sane(params.service_seconds);
     let baseline = params.baseline_gpus;
     let start_ms = trace.start_ms();
     let end_ms = trace.end_ms();
@@ -261,7 +327,6 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
         latency: Some(Series::new(tick, retention)),
     };
 
-    let mut cursor = Cursor { trace, next: 0 };
     let mut pods: Vec<SimPod> = Vec::new();
     let mut next_pod = 0u64;
     let mut queue = 0.0_f64;
@@ -294,25 +359,19 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
             .fold(0u32, u32::saturating_add)
     };
 
-    let mut t = start_ms;
-    while t < end_ms {
-        let now = Timestamp::from_millis(t);
-        let dt_ms = tick_ms.min(end_ms - t);
-        let dt_s = dt_ms as f64 / 1000.0;
+    for input in ticks(trace, params) {
+        let now = Timestamp::from_millis(input.at_ms);
+        let dt_s = input.dt_s();
 
         // Observe.
         boot(&mut pods, now);
         let queue_observed = queue;
-        let capacity_per_s =
-            f64::from(baseline.saturating_add(running_gpus(&pods))) * per_gpu_per_s;
-        let wait_s = if queue <= 0.0 {
-            0.0
-        } else if capacity_per_s <= 0.0 {
-            NO_CAPACITY_WAIT_S
-        } else {
-            queue / capacity_per_s
-        };
-        let p95 = cursor.p95_at(t).unwrap_or(service_s) + wait_s;
+        let p95 = modeled_p95(
+            input.service_s,
+            queue,
+            baseline.saturating_add(running_gpus(&pods)),
+            per_gpu_per_s,
+        );
         signals.queue.push(Sample::at(queue, now));
         if let Some(latency) = signals.latency.as_mut() {
             latency.push(Sample::at(p95, now));
@@ -351,9 +410,8 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
         report.peak_pods = report.peak_pods.max(existing);
 
         // Serve: arrivals join the queue, the baseline serves first, then pods in creation order.
-        let arrived = cursor.arrivals(t, t + dt_ms);
-        report.jobs_arrived += arrived;
-        queue += arrived;
+        report.jobs_arrived += input.arrivals;
+        queue += input.arrivals;
         let per_gpu_tick = per_gpu_per_s * dt_s;
         let served_baseline = queue.min(f64::from(baseline) * per_gpu_tick);
         queue -= served_baseline;
@@ -376,7 +434,7 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
 
         // SLO.
         if p95 > policy.slo_p95_seconds {
-            let minute = (t - start_ms) / 60_000;
+            let minute = minute_of(&input, start_ms);
             if last_violation_minute != Some(minute) {
                 last_violation_minute = Some(minute);
                 report.slo_violation_minutes += 1;
@@ -395,17 +453,71 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
             served_pods,
             queue_after: queue,
         });
-        t = t.saturating_add(tick_ms);
     }
     (report, timeline)
 }
 
-/// A side-by-side text table: one row per trace and policy, columns aligned.
-pub fn render_table(reports: &[(String, Vec<SimReport>)]) -> String {
-    const HEADER: [&str; 10] = [
+/// One trace's comparison: each policy's replay and the clairvoyant lower bound.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// The trace's name (its file stem).
+    pub trace: String,
+    /// The least any schedule could have spent ([`lower_bound`]); `None` when the solver
+    /// failed (see `bound_error`).
+    pub bound: Option<LowerBound>,
+    /// Why there is no bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_error: Option<String>,
+    /// One replay per policy kind, in the order asked.
+    pub results: Vec<SimReport>,
+}
+
+/// Replays `trace` with `policy` once per kind in `kinds` and computes the lower bound for the
+/// policy's limits and pod template.
+pub fn compare(
+    name: &str,
+    trace: &Trace,
+    policy: &Policy,
+    kinds: &[PolicyKind],
+    params: &SimParams,
+) -> Comparison {
+    let results = kinds
+        .iter()
+        .map(|&kind| {
+            let mut policy = policy.clone();
+            policy.kind = kind;
+            simulate(trace, &policy, params)
+        })
+        .collect();
+    let (bound, bound_error) = match lower_bound(trace, policy, params) {
+        Ok(bound) => (Some(bound), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    Comparison {
+        trace: name.to_owned(),
+        bound,
+        bound_error,
+        results,
+    }
+}
+
+/// `usd / bound` to two decimals, or `-` when there is no positive bound.
+fn ratio(usd: f64, bound: Option<&LowerBound>) -> String {
+    match bound {
+        Some(b) if b.usd > 0.0 => format!("{:.2}", usd / b.usd),
+        _ => "-".to_owned(),
+    }
+}
+
+/// A side-by-side text table: per trace, one row per policy and one for the lower bound
+/// (`bound`), columns aligned; then one note per trace whose SLO no schedule can meet
+/// throughout, or whose bound failed.
+pub fn render_table(comparisons: &[Comparison]) -> String {
+    const HEADER: [&str; 11] = [
         "trace",
         "policy",
         "total $",
+        "$ / bound",
         "SLO-viol min",
         "pod creations",
         "peak pods",
@@ -414,13 +526,16 @@ pub fn render_table(reports: &[(String, Vec<SimReport>)]) -> String {
         "max queue",
         "minutes",
     ];
-    let mut rows: Vec<[String; 10]> = vec![HEADER.map(str::to_owned)];
-    for (name, list) in reports {
-        for r in list {
+    let mut rows: Vec<[String; 11]> = vec![HEADER.map(str::to_owned)];
+    let mut notes = Vec::new();
+    for c in comparisons {
+        let bound = c.bound.as_ref();
+        for r in &c.results {
             rows.push([
-                name.clone(),
+                c.trace.clone(),
                 r.policy.to_string(),
                 format!("{:.2}", r.total_usd),
+                ratio(r.total_usd, bound),
                 r.slo_violation_minutes.to_string(),
                 r.pod_creations.to_string(),
                 r.peak_pods.to_string(),
@@ -430,8 +545,45 @@ pub fn render_table(reports: &[(String, Vec<SimReport>)]) -> String {
                 format!("{:.0}", r.duration_minutes),
             ]);
         }
+        let dash = || "-".to_owned();
+        match (bound, &c.bound_error) {
+            (Some(b), _) => {
+                let minutes = c
+                    .results
+                    .first()
+                    .map_or_else(dash, |r| format!("{:.0}", r.duration_minutes));
+                rows.push([
+                    c.trace.clone(),
+                    "bound".to_owned(),
+                    format!("{:.2}", b.usd),
+                    ratio(b.usd, bound),
+                    b.violation_minutes.to_string(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    minutes,
+                ]);
+                if b.violation_minutes > 0 {
+                    notes.push(format!(
+                        "{}: no schedule meets the SLO in {} minute{} (more backlog than the \
+                         baseline and the pods max_pods and the launch rate allow can absorb \
+                         in time); the bound is for that fewest number of violation minutes",
+                        c.trace,
+                        b.violation_minutes,
+                        if b.violation_minutes == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+            (None, error) => notes.push(format!(
+                "{}: no lower bound: {}",
+                c.trace,
+                error.as_deref().unwrap_or("not computed")
+            )),
+        }
     }
-    let mut widths = [0usize; 10];
+    let mut widths = [0usize; 11];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -453,6 +605,13 @@ pub fn render_table(reports: &[(String, Vec<SimReport>)]) -> String {
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        for note in notes {
+            out.push_str(&note);
+            out.push('\n');
+        }
     }
     out
 }

@@ -523,34 +523,53 @@ fn odd_params_do_not_panic_or_hang() {
 #[test]
 fn the_table_is_aligned_and_reports_serialize() {
     let reports = vec![
-        (
-            "single_spike".to_owned(),
-            PolicyKind::ALL
-                .iter()
-                .map(|k| simulate(&single_spike(), &policy(*k), &params(2)))
-                .collect::<Vec<_>>(),
+        compare(
+            "single_spike",
+            &single_spike(),
+            &policy(PolicyKind::Target),
+            &PolicyKind::ALL,
+            &params(2),
         ),
-        (
-            "quiet".to_owned(),
-            vec![simulate(
-                &per_minute(10, |_| 0.0),
-                &policy(PolicyKind::Target),
-                &params(2),
-            )],
+        compare(
+            "quiet",
+            &per_minute(10, |_| 0.0),
+            &policy(PolicyKind::Target),
+            &[PolicyKind::Target],
+            &params(2),
         ),
     ];
     let table = render_table(&reports);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 4, "{table}");
+    // Header, 3 policies and the bound, 1 policy and the bound, a blank line, the spike's note.
+    assert_eq!(lines.len(), 9, "{table}");
     assert!(lines[0].starts_with("trace") && lines[0].contains("total $"));
+    assert!(lines[0].contains("$ / bound"), "{table}");
     assert!(lines[1].starts_with("single_spike  seed"), "{table}");
-    assert!(lines[3].starts_with("quiet         target"), "{table}");
+    assert!(lines[3].starts_with("single_spike  cost"), "{table}");
+    assert!(lines[4].starts_with("single_spike  bound"), "{table}");
+    assert!(lines[5].starts_with("quiet         target"), "{table}");
+    // Nothing to serve, nothing to spend: no ratio to show.
+    assert!(
+        lines[6].starts_with("quiet         bound      0.00          -"),
+        "{table}"
+    );
     let width = lines[0].len();
-    assert!(lines.iter().all(|l| l.len() == width), "{table}");
+    assert!(lines[..7].iter().all(|l| l.len() == width), "{table}");
+    assert_eq!(lines[7], "");
+    assert!(
+        lines[8].starts_with("single_spike: no schedule meets the SLO in "),
+        "{table}"
+    );
 
-    let json = serde_json::to_value(&reports[0].1).unwrap();
-    assert_eq!(json[0]["policy"], "seed");
-    assert_eq!(json[1]["policy"], "target");
+    let json = serde_json::to_value(&reports[0]).unwrap();
+    assert_eq!(json["trace"], "single_spike");
+    assert!(json["bound"]["usd"].is_number(), "{json}");
+    assert!(json["bound"]["violation_minutes"].is_number(), "{json}");
+    assert!(json.get("bound_error").is_none(), "{json}");
+    let results = &json["results"];
+    assert_eq!(results[0]["policy"], "seed");
+    assert_eq!(results[1]["policy"], "target");
+    assert_eq!(results[2]["policy"], "cost");
     for key in [
         "total_usd",
         "slo_violation_minutes",
@@ -561,6 +580,170 @@ fn the_table_is_aligned_and_reports_serialize() {
         "max_queue",
         "duration_minutes",
     ] {
-        assert!(json[1][key].is_number(), "{key}: {json}");
+        assert!(results[1][key].is_number(), "{key}: {json}");
+    }
+}
+
+/// A world for hand-computed bounds: one-minute ticks, one job per GPU per minute, a service
+/// time equal to the SLO (so any job waiting at a tick's start violates it), one-GPU pods at
+/// $0.60/h (one cent per pod-tick).
+fn tiny(baseline_gpus: u32, boot_s: u64, max_pods: u32, rate: u32) -> (Policy, SimParams) {
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = max_pods;
+    p.max_launches_per_tick = rate;
+    p.max_usd_per_hour = Usd(100.0);
+    p.pod.usd_per_hour = Usd(0.60);
+    p.pod.gpus = 1;
+    p.slo_p95_seconds = 10.0;
+    let params = SimParams {
+        tick: Duration::from_secs(60),
+        boot_delay: Duration::from_secs(boot_s),
+        jobs_per_gpu_per_minute: 1.0,
+        service_seconds: 10.0,
+        baseline_gpus,
+    };
+    (p, params)
+}
+
+#[test]
+fn the_bound_matches_a_hand_computed_optimum_without_violations() {
+    // No baseline, a one-minute boot. 2 jobs in minute 2 and 1 in minute 4 must each be served
+    // within their minute (none may wait into the next): 2 pods serving at minute 2, so
+    // launched at minute 1 and billed for minutes 1 and 2; then 1 pod serving at minute 4,
+    // billed for minutes 3 and 4 (kept or relaunched alike). 2 + 2 + 1 + 1 pod-minutes = $0.06.
+    let (p, params) = tiny(0, 60, 5, 5);
+    let trace = per_minute(6, |m| match m {
+        2 => 2.0,
+        4 => 1.0,
+        _ => 0.0,
+    });
+    let bound = lower_bound(&trace, &p, &params).unwrap();
+    assert!((bound.usd - 0.06).abs() < 1e-9, "{bound:?}");
+    assert_eq!(bound.violation_minutes, 0);
+}
+
+#[test]
+fn the_bound_matches_a_hand_computed_optimum_with_unavoidable_violations() {
+    // One baseline GPU, a two-minute boot, at most one pod. 4 jobs in minute 0: the baseline
+    // serves 1 a minute, and no pod can serve before minute 2, so 3 then 2 jobs wait at
+    // minutes 1 and 2 whatever the schedule (2 unavoidable violation minutes). Minute 3 is
+    // clean only if minute 2 serves both waiting jobs: one pod serving at minute 2, launched
+    // at minute 0 and billed for minutes 0, 1 and 2 = $0.03.
+    let (p, params) = tiny(1, 120, 1, 1);
+    let trace = per_minute(5, |m| if m == 0 { 4.0 } else { 0.0 });
+    let bound = lower_bound(&trace, &p, &params).unwrap();
+    assert!((bound.usd - 0.03).abs() < 1e-9, "{bound:?}");
+    assert_eq!(bound.violation_minutes, 2);
+    // Every policy pays at least that much and violates at least those minutes.
+    for kind in PolicyKind::ALL {
+        let mut p = p.clone();
+        p.kind = kind;
+        let r = simulate(&trace, &p, &params);
+        assert!(r.total_usd >= bound.usd - 1e-9, "{kind}: {r:?}");
+        assert!(r.slo_violation_minutes >= 2, "{kind}: {r:?}");
+    }
+}
+
+#[test]
+fn a_world_without_usable_pods_has_a_zero_bound() {
+    let trace = per_minute(5, |_| 30.0);
+    for tweak in [
+        (|p: &mut Policy, _: &mut SimParams| p.max_pods = 0) as fn(&mut Policy, &mut SimParams),
+        |p, _| p.pod.gpus = 0,
+        |p, _| p.pod.usd_per_hour = Usd(0.0),
+        |p, _| p.max_usd_per_hour = Usd(0.0),
+        |_, s| s.jobs_per_gpu_per_minute = 0.0,
+    ] {
+        let (mut p, mut params) = tiny(1, 60, 5, 5);
+        tweak(&mut p, &mut params);
+        let bound = lower_bound(&trace, &p, &params).unwrap();
+        assert_eq!(bound.usd, 0.0, "{p:?} {params:?}");
+    }
+}
+
+/// A random small world and trace for the bound's property test.
+#[derive(Debug, Clone)]
+struct BoundCase {
+    rates: Vec<f64>,
+    tick_s: u64,
+    boot_s: u64,
+    baseline: u32,
+    max_pods: u32,
+    launches: u32,
+    gpus: u32,
+    slo_s: f64,
+    service_s: f64,
+}
+
+fn arb_bound_case() -> impl proptest::strategy::Strategy<Value = BoundCase> {
+    use proptest::prelude::*;
+    (
+        // Quiet minutes, bursts and everything between.
+        proptest::collection::vec(prop_oneof![Just(0.0), 0.0f64..12.0, 20.0f64..120.0], 5..40),
+        prop_oneof![Just(15u64), Just(30), Just(60)],
+        0u64..240,
+        0u32..4,
+        1u32..12,
+        1u32..6,
+        1u32..3,
+        5.0f64..120.0,
+        0.0f64..20.0,
+    )
+        .prop_map(
+            |(rates, tick_s, boot_s, baseline, max_pods, launches, gpus, slo_s, service_s)| {
+                BoundCase {
+                    rates,
+                    tick_s,
+                    boot_s,
+                    baseline,
+                    max_pods,
+                    launches,
+                    gpus,
+                    slo_s,
+                    service_s,
+                }
+            },
+        )
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// The bound is a lower bound: for every policy, the cheapest schedule meeting the SLO
+    /// wherever that policy met it costs no more than the policy did; no policy has fewer
+    /// violation minutes than the bound's; and one with just as few paid at least the bound.
+    #[test]
+    fn the_bound_is_never_above_a_policy(case in arb_bound_case()) {
+        let rates = case.rates.clone();
+        let trace = per_minute(rates.len() as u64, |m| rates[m as usize].round());
+        let mut p = default_policy();
+        p.max_pods = case.max_pods;
+        p.max_launches_per_tick = case.launches;
+        p.pod.gpus = case.gpus;
+        p.slo_p95_seconds = case.slo_s;
+        let params = SimParams {
+            tick: Duration::from_secs(case.tick_s),
+            boot_delay: Duration::from_secs(case.boot_s),
+            jobs_per_gpu_per_minute: 4.0,
+            service_seconds: case.service_s,
+            baseline_gpus: case.baseline,
+        };
+        let bound = lower_bound(&trace, &p, &params).unwrap();
+        for kind in PolicyKind::ALL {
+            p.kind = kind;
+            let (report, timeline) = run(&trace, &p, &params);
+            let met: Vec<bool> = timeline.iter().map(|t| t.p95_seconds <= p.slo_p95_seconds).collect();
+            let own = lower_bound_where(&trace, &p, &params, &met).unwrap();
+            let slack = 1e-6 * (1.0 + report.total_usd);
+            proptest::prop_assert!(own <= report.total_usd + slack,
+                "{kind}: bound at its own SLO {own} above its cost {}", report.total_usd);
+            proptest::prop_assert!(bound.violation_minutes <= report.slo_violation_minutes,
+                "{kind}: {} violation minutes, fewer than the unavoidable {}",
+                report.slo_violation_minutes, bound.violation_minutes);
+            if report.slo_violation_minutes == bound.violation_minutes {
+                proptest::prop_assert!(bound.usd <= report.total_usd + slack,
+                    "{kind}: bound {} above its cost {}", bound.usd, report.total_usd);
+            }
+        }
     }
 }

@@ -50,10 +50,25 @@ def test_simulate_json_output():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out[0]["trace"] == "single_spike"
-    assert {x["policy"] for x in out[0]["results"]} == {"seed", "target"}
+    assert [x["policy"] for x in out[0]["results"]] == ["seed", "target", "cost"]
+    bound = out[0]["bound"]
+    assert bound["violation_minutes"] > 0  # the spike outgrows max_pods
     for x in out[0]["results"]:
         assert x["jobs_completed"] <= x["jobs_arrived"] + 1e-6
         assert x["peak_pods"] <= 20
+        assert bound["usd"] <= x["total_usd"]
+        assert bound["violation_minutes"] <= x["slo_violation_minutes"]
+
+
+def test_simulate_one_policy_and_the_table():
+    r = run("simulate", "--trace", str(ROOT / "benches/traces/single_spike.csv"), "--policy", "cost")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("single_spike ")]
+    assert [row[1] for row in rows] == ["cost", "bound"]
+    cost, bound = float(rows[0][2]), float(rows[1][2])
+    assert 0 < bound <= cost
+    assert rows[0][3] == f"{cost / bound:.2f}"
+    assert "no schedule meets the SLO in" in r.stdout
 
 
 def test_simulate_bad_trace_is_a_clear_error():
