@@ -138,7 +138,7 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
-    /// `target` (default) or `seed`.
+    /// `target` (default), `cost` or `seed`.
     #[serde(default = "defaults::kind")]
     pub kind: PolicyKind,
     /// Minimum RunPod pods kept (target policy).
