@@ -15,7 +15,7 @@ use crate::model::Timestamp;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Tuning {
     /// Size scale-up for the lag projected this far ahead along its recent trend (zero: the
-    /// lag as it is now).
+    /// lag as it is now), while no pod is still booting.
     pub(super) lookahead: Duration,
     /// Scale down only to the highest demand seen within this window.
     pub(super) window: Duration,
@@ -92,8 +92,16 @@ pub(super) fn tracked(
 
     let latest_lag = signals.queue.latest();
     let lag = latest_lag.map_or(0.0, |s| s.value);
+    // Pods still booting were launched for the rise seen then: it is not projected again
+    // until they serve (each boot would otherwise add another round for the same rise).
+    let booting = view.capacity_pods().any(|p| !p.ready);
+    let lookahead = if booting {
+        Duration::ZERO
+    } else {
+        tuning.lookahead
+    };
     let by_lag =
-        projected(&signals.queue, tuning.lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+        projected(&signals.queue, lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
     let lag_fresh = signals.queue.is_fresh(now, intervals);
 
     let latency = signals.latency.as_ref();

@@ -825,6 +825,19 @@ fn cost_scales_up_for_the_lag_projected_over_the_boot() {
     let plan = decide(&view(2, vec![]), &lag_series(&[390.0, 400.0]), &cost, NOW);
     assert_eq!(plan.demand_gpus, 8, "{plan}");
     assert_eq!(plan.launches(), 6, "{plan}");
+    // While a pod launched for the rise still boots, the rise is not projected again: the lag
+    // as it is (4 GPUs) is covered by the baseline and the booting pod plus one more launch.
+    let booting = pod("b", PodState::Provisioning, Duration::from_secs(30));
+    let plan = decide(&view(2, vec![booting.clone()]), &rising, &cost, NOW);
+    assert_eq!(plan.demand_gpus, 4, "{plan}");
+    assert_eq!(plan.launches(), 1, "{plan}");
+    // Once it serves, the trend counts again.
+    let mut served = booting;
+    served.state = PodState::Running;
+    served.ready = true;
+    let plan = decide(&view(2, vec![served]), &rising, &cost, NOW);
+    assert_eq!(plan.demand_gpus, 40, "{plan}");
+    assert_eq!(plan.launches(), 9, "{plan}");
     // A falling lag is not counted on: the newest value decides.
     let plan = decide(&view(2, vec![]), &lag_series(&[900.0, 400.0]), &cost, NOW);
     assert_eq!(plan.demand_gpus, 4, "{plan}");
