@@ -914,3 +914,165 @@ fn idle_shares_lie_in_the_second_half_and_spread() {
     let below = shares.iter().filter(|s| **s < 0.75).count();
     assert!((330..430).contains(&below), "{below} of 1000 below 0.75");
 }
+
+#[test]
+fn several_pods_go_in_one_plan_and_the_rest_still_covers_demand() {
+    let p = policy(PolicyKind::Target);
+    // 5 idle one-GPU pods, a lag asking for 2 GPUs beyond a zero baseline: 3 go, 2 stay.
+    let plan = decide(
+        &view(0, idle_pods(5, Duration::from_secs(600))),
+        &signals(200.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.terminations(), 3, "{plan}");
+    assert_eq!(plan.target_pods, 2, "{plan}");
+    assert_eq!(plan.desired_gpus, 2, "{plan}");
+    // Two-GPU pods: a 3-GPU want keeps two of them (one would leave 2 < 3).
+    let mut big = idle_pods(4, Duration::from_secs(600));
+    for pod in &mut big {
+        pod.gpus = 2;
+    }
+    let plan = decide(&view(0, big), &signals(300.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.terminations(), 2, "{plan}");
+    assert_eq!(plan.desired_gpus, 4, "{plan}");
+}
+
+#[test]
+fn a_fleet_above_a_lowered_max_pods_shrinks_to_it_whatever_the_demand() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = 3;
+    // 5 busy pods and a lag that wants all of them: 2 still go, the newest first.
+    let mut pods = old_running(5);
+    for (i, pod) in pods.iter_mut().enumerate() {
+        pod.last_busy_at = Some(NOW);
+        pod.created_at = NOW.minus(Duration::from_secs(3600 - i as u64));
+    }
+    let plan = decide(&view(0, pods), &signals(500.0, None, FRESH), &p, NOW);
+    let gone: Vec<&PodId> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Terminate {
+                pod,
+                reason: Reason::AboveMaximum { max_pods: 3 },
+            } => Some(pod),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gone, [&PodId::from("p4"), &PodId::from("p3")], "{plan}");
+    assert_eq!(plan.launches(), 0, "{plan}");
+    assert_eq!(plan.target_pods, 3, "{plan}");
+    assert_eq!(plan.desired_gpus, 3, "{plan}");
+    // Exactly at the limit nothing goes.
+    p.max_pods = 5;
+    let plan = decide(
+        &view(0, old_running(5)),
+        &signals(500.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.terminations(), 0, "{plan}");
+}
+
+#[test]
+fn surplus_goes_dearest_per_gpu_first_not_dearest_per_pod() {
+    let mut p = policy(PolicyKind::Target);
+    p.min_pods = 1;
+    // A: 1 GPU at $1/h ($1 per GPU); B: 4 GPUs at $2/h ($0.50 per GPU). Only one may go.
+    let mut a = idle_pods(1, Duration::from_secs(600)).remove(0);
+    a.id = PodId::from("a");
+    a.usd_per_hour = Usd(1.0);
+    let mut b = idle_pods(1, Duration::from_secs(600)).remove(0);
+    b.id = PodId::from("b");
+    b.gpus = 4;
+    b.usd_per_hour = Usd(2.0);
+    let plan = decide(&view(0, vec![b, a]), &signals(0.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.terminations(), 1, "{plan}");
+    assert!(
+        matches!(&plan.steps[0], Step::Terminate { pod, .. } if pod.0 == "a"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn a_step_up_is_attributed_to_whichever_signal_asks_more() {
+    let p = policy(PolicyKind::Target);
+    let reason = |lag: f64, p95: f64| {
+        let plan = decide(&view(2, vec![]), &signals(lag, Some(p95), FRESH), &p, NOW);
+        match plan.steps.first() {
+            Some(Step::Launch { reason, .. }) => reason.clone(),
+            other => panic!("expected a launch, got {other:?}\n{plan}"),
+        }
+    };
+    // Lag 1000 asks for 10 GPUs, the latency step for 3: the lag decides.
+    assert!(matches!(reason(1000.0, 9.0), Reason::QueueLag { needed_gpus: 10, .. }));
+    // Lag 100 asks for 1, the latency step for 3: latency decides.
+    assert!(matches!(reason(100.0, 9.0), Reason::LatencyAboveSlo { .. }));
+    // Equal asks (lag 300 → 3 GPUs, step 2 + 1 = 3): latency is named.
+    assert!(matches!(reason(300.0, 9.0), Reason::LatencyAboveSlo { .. }));
+}
+
+#[test]
+fn min_pods_is_kept_without_demand_and_named_as_the_reason() {
+    for kind in [PolicyKind::Target, PolicyKind::Cost] {
+        let mut p = policy(kind);
+        p.min_pods = 2;
+        let plan = decide(&view(2, vec![]), &signals(0.0, None, FRESH), &p, NOW);
+        assert_eq!(plan.launches(), 2, "{plan}");
+        assert!(
+            plan.steps.iter().all(|s| matches!(
+                s,
+                Step::Launch {
+                    reason: Reason::BelowMinimum { min_pods: 2 },
+                    ..
+                }
+            )),
+            "{plan}"
+        );
+        // With demand the baseline cannot cover, the lag is the reason.
+        let plan = decide(&view(2, vec![]), &signals(500.0, None, FRESH), &p, NOW);
+        assert!(
+            matches!(
+                plan.steps.first(),
+                Some(Step::Launch {
+                    reason: Reason::QueueLag { .. },
+                    ..
+                })
+            ),
+            "{plan}"
+        );
+    }
+}
+
+#[test]
+fn launch_limits_hold_only_when_they_bind() {
+    let has = |plan: &Plan, kind: &str| plan.holds.iter().any(|h| h.kind() == kind);
+    let mut p = policy(PolicyKind::Target);
+    p.max_launches_per_tick = 3;
+    p.max_usd_per_hour = Usd(1.5); // 3 pods at $0.50/h exactly
+    // Lag 500 → 5 GPUs, 2 from the baseline: 3 wanted, exactly what rate and budget allow.
+    let plan = decide(&view(2, vec![]), &signals(500.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(!has(&plan, "launch_rate") && !has(&plan, "budget"), "{plan}");
+    // One more wanted: the budget binds (rate would too, but the budget is tighter or equal).
+    let plan = decide(&view(2, vec![]), &signals(600.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(has(&plan, "budget"), "{plan}");
+    assert!(!has(&plan, "launch_rate"), "{plan}");
+    // With room in the budget, the rate binds alone.
+    p.max_usd_per_hour = Usd(10.0);
+    let plan = decide(&view(2, vec![]), &signals(600.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(has(&plan, "launch_rate") && !has(&plan, "budget"), "{plan}");
+    // Spend exactly at the budget: no headroom, nothing launches.
+    p.max_usd_per_hour = Usd(1.0);
+    let plan = decide(
+        &view(2, old_running(2)),
+        &signals(2000.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.launches(), 0, "{plan}");
+    assert!(has(&plan, "budget"), "{plan}");
+}
