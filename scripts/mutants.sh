@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Mutation testing of src/decide/ and src/simulate/ with cargo-mutants (installed once into
+# .tools/cargo-mutants). Configuration, including the excluded equivalent mutants and why:
+# .cargo/mutants.toml. Not part of the CI test command: about an hour on 2 cores.
+#
+#   scripts/mutants.sh                 # every mutant of both modules
+#   scripts/mutants.sh --file src/decide/cost.rs   # extra arguments go to cargo mutants
+#
+# Prints the caught / missed / unviable / timeout counts; exits non-zero when any mutant was
+# missed. Results (with the diff of every missed mutant) land in mutants.out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+CARGO_MUTANTS_VERSION="27.1.0"
+root=".tools/cargo-mutants"
+if ! "$root/bin/cargo-mutants" mutants --version 2>/dev/null | grep -q "$CARGO_MUTANTS_VERSION"; then
+  log "installing cargo-mutants $CARGO_MUTANTS_VERSION into $root"
+  cargo install --locked --root "$root" cargo-mutants --version "=$CARGO_MUTANTS_VERSION"
+fi
+
+log "mutating src/decide and src/simulate (lib tests decide:: and simulate:: only)"
+status=0
+PATH="$PWD/$root/bin:$PATH" cargo mutants --no-shuffle "$@" -- -- decide:: simulate:: || status=$?
+
+out="mutants.out"
+count() { [ -f "$out/$1.txt" ] && grep -c . "$out/$1.txt" || echo 0; }
+log "caught $(count caught), missed $(count missed), unviable $(count unviable), timeout $(count timeout)"
+if [ "$(count missed)" != 0 ]; then
+  log "missed mutants:"
+  cat "$out/missed.txt"
+fi
+exit "$status"
