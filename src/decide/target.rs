@@ -92,16 +92,18 @@ pub(super) fn tracked(
 
     let latest_lag = signals.queue.latest();
     let lag = latest_lag.map_or(0.0, |s| s.value);
-    // Pods still booting were launched for the rise seen then: it is not projected again
-    // until they serve (each boot would otherwise add another round for the same rise).
+    let by_lag_now = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+    let by_lag_ahead = projected(&signals.queue, tuning.lookahead)
+        .map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+    // Pods still booting were launched for the rise seen then: while they boot, the projection
+    // keeps the capacity that exists (nothing launched for it is dropped) but adds none (each
+    // boot would otherwise add another round for the same rise).
     let booting = view.capacity_pods().any(|p| !p.ready);
-    let lookahead = if booting {
-        Duration::ZERO
+    let by_lag = if booting {
+        by_lag_now.max(by_lag_ahead.min(total_now))
     } else {
-        tuning.lookahead
+        by_lag_ahead
     };
-    let by_lag =
-        projected(&signals.queue, lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
     let lag_fresh = signals.queue.is_fresh(now, intervals);
 
     let latency = signals.latency.as_ref();
