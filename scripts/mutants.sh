@@ -19,9 +19,16 @@ if ! "$root/bin/cargo-mutants" mutants --version 2>/dev/null | grep -q "$CARGO_M
   cargo install --locked --root "$root" cargo-mutants --version "=$CARGO_MUTANTS_VERSION"
 fi
 
-log "mutating src/decide and src/simulate (lib tests decide:: and simulate:: only)"
+# Both modules unless the caller names files (cargo-mutants adds --file to the config's globs,
+# so the scope lives here).
+scope=(--file 'src/decide/*.rs' --file 'src/simulate/*.rs')
+for arg in "$@"; do
+  case "$arg" in -f | --file | --file=*) scope=() ;; esac
+done
+log "mutating ${scope[*]:-the given files} (lib tests decide:: and simulate:: only)"
 status=0
-PATH="$PWD/$root/bin:$PATH" cargo mutants --no-shuffle "$@" -- --lib -- decide:: simulate:: || status=$?
+PATH="$PWD/$root/bin:$PATH" cargo mutants --no-shuffle "${scope[@]}" "$@" -- --lib -- decide:: simulate:: ||
+  status=$?
 
 out="mutants.out"
 count() {
