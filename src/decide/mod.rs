@@ -21,6 +21,7 @@ pub use plan::{Hold, Plan, Reason, Step};
 pub use series::{Sample, Series, Signals};
 pub use view::{ClusterView, PodTemplate, PodView, Policy, PolicyKind};
 
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
 
 use crate::model::{PodId, SignalKind, Timestamp, Usd};
@@ -52,23 +53,14 @@ struct ScaleDown {
 }
 
 /// The share of the break-even idle time a pod waits before it goes: between half and all of
-/// it, drawn once per pod from its id (deterministic), following the randomized ski-rental
-/// density `e^x / (e − 1)`. A burst's pods then leave over the second half of the break-even
+/// it, drawn once per pod from a hash of its id (the same in a given build), following the
+/// randomized ski-rental density `e^x / (e − 1)`. A burst's pods then leave over the second half of the break-even
 /// time instead of all at its end, while a pod on a steady load is never dropped on its first
 /// short idle spell.
 fn idle_share(pod: &PodId) -> f64 {
-    // FNV-1a over the id, then MurmurHash3's 64-bit finalizer so that ids differing in their
-    // last characters spread over the high bits too: a fixed hash, only its uniformity matters.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in pod.0.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    hash ^= hash >> 33;
+    // SipHash with fixed keys (std's DefaultHasher): the same id gives the same share in a
+    // given build, spread uniformly over ids.
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(&pod.0);
     let uniform = (hash >> 11) as f64 / (1u64 << 53) as f64;
     let ski_rental = (1.0 + uniform * (std::f64::consts::E - 1.0)).ln();
     0.5 + 0.5 * ski_rental
