@@ -133,47 +133,43 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
     let mut remaining_gpus = capacity_gpus;
 
     // Hard limit first: pods above max_pods go, whatever the signals say.
-    if capacity_pods > policy.max_pods {
-        let excess = (capacity_pods - policy.max_pods) as usize;
-        remaining.sort_by(|a, b| removal_order(a, b));
-        for pod in remaining.drain(..excess) {
-            remaining_gpus -= pod.gpus;
-            plan.steps.push(Step::Terminate {
-                pod: pod.id.clone(),
-                reason: Reason::AboveMaximum {
-                    max_pods: policy.max_pods,
-                },
-            });
-        }
+    let excess = capacity_pods.saturating_sub(policy.max_pods) as usize;
+    remaining.sort_by(|a, b| removal_order(a, b));
+    for pod in remaining.drain(..excess) {
+        remaining_gpus -= pod.gpus;
+        plan.steps.push(Step::Terminate {
+            pod: pod.id.clone(),
+            reason: Reason::AboveMaximum {
+                max_pods: policy.max_pods,
+            },
+        });
     }
 
     // Money is a hard limit too: when prices rose above the budget, idle pods go, the most
     // expensive first (busy ones keep their work; the budget then blocks every launch).
+    let budget = policy.max_usd_per_hour.dollars() + Usd::EPSILON;
     let mut spend = view.usd_per_hour().dollars();
-    if spend > policy.max_usd_per_hour.dollars() + Usd::EPSILON {
-        remaining.sort_by(|a, b| {
-            b.usd_per_hour
-                .dollars()
-                .total_cmp(&a.usd_per_hour.dollars())
+    remaining.sort_by(|a, b| {
+        b.usd_per_hour
+            .dollars()
+            .total_cmp(&a.usd_per_hour.dollars())
+    });
+    remaining.retain(|pod| {
+        let idle = !pod.is_warming(now, policy.warmup_grace)
+            && pod.idle_for(now) >= policy.idle_timeout;
+        if spend <= budget || !idle {
+            return true;
+        }
+        spend -= pod.usd_per_hour.dollars();
+        remaining_gpus -= pod.gpus;
+        plan.steps.push(Step::Terminate {
+            pod: pod.id.clone(),
+            reason: Reason::OverBudget {
+                max_usd_per_hour: policy.max_usd_per_hour,
+            },
         });
-        remaining.retain(|pod| {
-            let over = spend > policy.max_usd_per_hour.dollars() + Usd::EPSILON;
-            let idle = !pod.is_warming(now, policy.warmup_grace)
-                && pod.idle_for(now) >= policy.idle_timeout;
-            if !(over && idle) {
-                return true;
-            }
-            spend -= pod.usd_per_hour.dollars();
-            remaining_gpus -= pod.gpus;
-            plan.steps.push(Step::Terminate {
-                pod: pod.id.clone(),
-                reason: Reason::OverBudget {
-                    max_usd_per_hour: policy.max_usd_per_hour,
-                },
-            });
-            false
-        });
-    }
+        false
+    });
 
     let mut launched = 0u32;
     if want.runpod_gpus > remaining_gpus {

@@ -93,8 +93,8 @@ pub(super) fn tracked(
     let latest_lag = signals.queue.latest();
     let lag = latest_lag.map_or(0.0, |s| s.value);
     let by_lag_now = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
-    let by_lag_ahead = projected(&signals.queue, tuning.lookahead)
-        .map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
+    let by_lag_ahead =
+        projected(&signals.queue, tuning.lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
     // Pods still booting were launched for the rise seen then: while they boot, the projection
     // keeps the capacity that exists (nothing launched for it is dropped) but adds none (each
     // boot would otherwise add another round for the same rise).

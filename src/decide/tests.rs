@@ -1006,7 +1006,13 @@ fn a_step_up_is_attributed_to_whichever_signal_asks_more() {
         }
     };
     // Lag 1000 asks for 10 GPUs, the latency step for 3: the lag decides.
-    assert!(matches!(reason(1000.0, 9.0), Reason::QueueLag { needed_gpus: 10, .. }));
+    assert!(matches!(
+        reason(1000.0, 9.0),
+        Reason::QueueLag {
+            needed_gpus: 10,
+            ..
+        }
+    ));
     // Lag 100 asks for 1, the latency step for 3: latency decides.
     assert!(matches!(reason(100.0, 9.0), Reason::LatencyAboveSlo { .. }));
     // Equal asks (lag 300 → 3 GPUs, step 2 + 1 = 3): latency is named.
@@ -1051,10 +1057,13 @@ fn launch_limits_hold_only_when_they_bind() {
     let mut p = policy(PolicyKind::Target);
     p.max_launches_per_tick = 3;
     p.max_usd_per_hour = Usd(1.5); // 3 pods at $0.50/h exactly
-    // Lag 500 → 5 GPUs, 2 from the baseline: 3 wanted, exactly what rate and budget allow.
+                                   // Lag 500 → 5 GPUs, 2 from the baseline: 3 wanted, exactly what rate and budget allow.
     let plan = decide(&view(2, vec![]), &signals(500.0, None, FRESH), &p, NOW);
     assert_eq!(plan.launches(), 3, "{plan}");
-    assert!(!has(&plan, "launch_rate") && !has(&plan, "budget"), "{plan}");
+    assert!(
+        !has(&plan, "launch_rate") && !has(&plan, "budget"),
+        "{plan}"
+    );
     // One more wanted: the budget binds (rate would too, but the budget is tighter or equal).
     let plan = decide(&view(2, vec![]), &signals(600.0, None, FRESH), &p, NOW);
     assert_eq!(plan.launches(), 3, "{plan}");
@@ -1075,4 +1084,35 @@ fn launch_limits_hold_only_when_they_bind() {
     );
     assert_eq!(plan.launches(), 0, "{plan}");
     assert!(has(&plan, "budget"), "{plan}");
+}
+
+#[test]
+fn spend_exactly_at_the_budget_is_within_it() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_usd_per_hour = Usd(2.0);
+    // Five idle pods at $0.50/h: $2.50, one over. Removing one leaves exactly $2.00: one goes.
+    let pods = idle_pods(5, Duration::from_secs(600));
+    let plan = decide(&view(0, pods), &signals(500.0, None, STALE), &p, NOW);
+    let over_budget = plan
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s,
+                Step::Terminate {
+                    reason: Reason::OverBudget { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(over_budget, 1, "{plan}");
+    // Four: exactly at the budget, none goes.
+    let plan = decide(
+        &view(0, idle_pods(4, Duration::from_secs(600))),
+        &signals(500.0, None, STALE),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.terminations(), 0, "{plan}");
 }
