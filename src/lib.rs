@@ -1,6 +1,7 @@
 //! runpod-autoscaler: a KEDA external scaler and RunPod burst autoscaler for a Kubernetes GPU
 //! platform. See the README's architecture section for how the modules fit together.
 
+pub mod access;
 pub mod checkpoint;
 pub mod clock;
 pub mod config;
