@@ -8,6 +8,7 @@ pub mod config;
 pub mod decide;
 pub mod emulator;
 pub mod join;
+pub mod mcp;
 pub mod model;
 pub mod provider;
 pub mod reconcile;

@@ -120,7 +120,8 @@ impl AccessError {
         }
     }
 
-    fn provider(e: ProviderError) -> AccessError {
+    /// A provider failure: a rejected key is [`AccessError::BadApiKey`].
+    pub fn from_provider(e: ProviderError) -> AccessError {
         match e {
             ProviderError::Auth { .. } => AccessError::BadApiKey,
             other => AccessError::Provider(other),
@@ -192,7 +193,10 @@ impl PodAccess {
 
     /// Our pods (owner marker), in any state.
     pub async fn pods(&self) -> Result<Vec<Pod>, AccessError> {
-        self.provider.list().await.map_err(AccessError::provider)
+        self.provider
+            .list()
+            .await
+            .map_err(AccessError::from_provider)
     }
 
     /// The pod `id` and where to SSH to it.
@@ -201,7 +205,7 @@ impl PodAccess {
             .provider
             .get(&PodId(id.to_owned()))
             .await
-            .map_err(AccessError::provider)?
+            .map_err(AccessError::from_provider)?
             .filter(|p| p.state != crate::model::PodState::Terminated)
             .ok_or_else(|| AccessError::UnknownPod { pod: id.to_owned() })?;
         let target = ssh_target(&pod)?;
@@ -283,7 +287,7 @@ mod tests {
     #[test]
     fn errors_name_their_kind_and_say_what_to_do() {
         assert_eq!(
-            AccessError::provider(ProviderError::Auth { status: 401 }),
+            AccessError::from_provider(ProviderError::Auth { status: 401 }),
             AccessError::BadApiKey
         );
         let full = AccessError::DiskFull {

@@ -577,7 +577,18 @@ impl PodAccess {
         };
         let fresh = done.is_empty();
         if fresh {
-            sftp.write(journal.as_str(), journal_header(it.size, chunk).as_bytes())
+            let mut j = sftp
+                .create(journal.as_str())
+                .await
+                .map_err(|e| AccessError::Path {
+                    side: format!("pod {pod}"),
+                    path: journal.clone(),
+                    detail: e.to_string(),
+                })?;
+            j.write_all(journal_header(it.size, chunk).as_bytes())
+                .await
+                .map_err(|e| sftp_err(pod, format!("writing {journal}: {e}")))?;
+            j.shutdown()
                 .await
                 .map_err(|e| sftp_err(pod, format!("writing {journal}: {e}")))?;
         }
