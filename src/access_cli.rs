@@ -133,7 +133,7 @@ pub async fn exec(opts: &Opts, pod: Option<String>, all: bool, command: &[String
             }
             Err(e) => {
                 eprintln!("[{id}] error: {e}");
-                worst = worst.max(NO_STATUS);
+                worst = NO_STATUS;
             }
         }
     }

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -16,11 +15,11 @@ use std::time::{Duration, Instant};
 use runpod_autoscaler::access::transfer::TransferSettings;
 use runpod_autoscaler::access::PodAccess;
 use runpod_autoscaler::emulator::{sshd, RunningEmulator};
+use runpod_autoscaler::join::pod::PodShell;
 use runpod_autoscaler::join::pool::{PoolSettings, SshPool};
 use runpod_autoscaler::join::{HostKeyPolicy, SshKey, SshTarget};
-use runpod_autoscaler::model::{GpuTypeId, Secret};
-use runpod_autoscaler::provider::runpod::{PodAction, RunPodClient, RunPodSettings};
-use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec, Pod};
+use runpod_autoscaler::provider::runpod::{PodAction, RunPodClient};
+use runpod_autoscaler::provider::{CloudProvider, Pod};
 use sha2::{Digest, Sha256};
 
 const KEY: &str = "rpa_access_test_key";
@@ -58,27 +57,11 @@ async fn fixture(n: usize) -> Fixture {
         ),
     )
     .unwrap();
-    let client = RunPodClient::new(RunPodSettings::new(
-        emu.api_url(),
-        emu.graphql_url(),
-        Secret::new(KEY),
-    ))
-    .unwrap();
+    let client = support::active::client(&emu, KEY);
     let mut ids = Vec::new();
     for i in 0..n {
-        let env = BTreeMap::from([("PUBLIC_KEY".to_owned(), public.clone())]);
         let pod = client
-            .launch(&LaunchSpec {
-                name: format!("access-{i}"),
-                gpu_type: GpuTypeId("NVIDIA RTX A5000".into()),
-                gpu_count: 1,
-                cloud: Cloud::Secure,
-                image: "runpod/base:0.6.2".into(),
-                env,
-                spot_bid_per_gpu: None,
-                data_center_ids: vec![],
-                disk_gb: 20,
-            })
+            .launch(&support::active::ssh_pod(&format!("access-{i}"), &public))
             .await
             .unwrap();
         ids.push(pod.id);
@@ -279,7 +262,7 @@ async fn the_pool_reuses_one_connection_bounds_channels_and_reconnects() {
     let (id, target) = (f.id(0), f.target(0));
     for i in 0..10 {
         let out = pool
-            .exec(&id, &target, &format!("echo {i}"), Duration::from_secs(10))
+            .run(&id, &target, &format!("echo {i}"), Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(text(&out.stdout), format!("{i}\n"));
@@ -289,7 +272,7 @@ async fn the_pool_reuses_one_connection_bounds_channels_and_reconnects() {
     // 12 at once on 3 channels: all run, never more than 3 at a time (counted on the pod).
     let home = f.home(0);
     let script = "mkdir -p c; t=c/$$; : > $t; n=$(ls c | wc -l); echo $n; sleep 0.2; rm $t";
-    let runs = (0..12).map(|_| pool.exec(&id, &target, script, Duration::from_secs(30)));
+    let runs = (0..12).map(|_| pool.run(&id, &target, script, Duration::from_secs(30)));
     let outs = futures_util::future::join_all(runs).await;
     let most = outs
         .into_iter()
@@ -324,7 +307,7 @@ async fn the_pool_reuses_one_connection_bounds_channels_and_reconnects() {
         user: ep.username,
     };
     let out = pool
-        .exec(&id, &target, "echo again", Duration::from_secs(10))
+        .run(&id, &target, "echo again", Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(text(&out.stdout), "again\n");
@@ -337,7 +320,7 @@ async fn the_pool_reuses_one_connection_bounds_channels_and_reconnects() {
         || async { (pool.connections() == 0).then_some(()) },
     )
     .await;
-    pool.exec(&id, &target, "true", Duration::from_secs(10))
+    pool.run(&id, &target, "true", Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(pool.handshakes(), 3);
@@ -462,6 +445,26 @@ fn kill_midway(f: &Fixture, args: &[&str], journal: &Path, at_least: usize) -> u
     }
 }
 
+/// Runs `cp args`, kills it mid-way, checks nothing is in place at `dst`, runs it again and
+/// checks it resumed: the chunks verified before the kill are not sent again, the file is whole.
+fn kill_and_resume(f: &Fixture, args: &[&str], journal: &Path, dst: &Path, want: &str) {
+    let verified = kill_midway(f, args, journal, 5);
+    assert!(verified < 100, "killed before the end");
+    assert!(!dst.exists(), "not in place before it is whole");
+    let out = f.run(args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resumed = r["resumed_chunks"].as_u64().unwrap();
+    assert!(
+        resumed >= verified as u64,
+        "{resumed} resumed, {verified} verified before the kill"
+    );
+    assert_eq!(r["sent_chunks"].as_u64().unwrap() + resumed, 100);
+    assert_eq!(r["sent_bytes"].as_u64().unwrap(), (100 - resumed) << 20);
+    assert_eq!(sha_file(dst), want);
+    assert!(!journal.exists(), "the journal goes with the part file");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
     let f = fixture(1).await;
@@ -472,7 +475,7 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
     let remote = f.home(0).join("resume.bin");
     let journal = f.home(0).join("resume.bin.rpa-journal");
 
-    // Upload with 1 MiB chunks, killed after a few verified chunks.
+    // Upload with 1 MiB chunks, killed after a few verified chunks, then run again.
     let up = [
         "cp",
         src.to_str().unwrap(),
@@ -482,20 +485,7 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
         "--output",
         "json",
     ];
-    let verified = kill_midway(&f, &up, &journal, 5);
-    assert!(!remote.exists(), "not in place before it is whole");
-    assert!(verified < 100, "killed before the end");
-    let out = f.run(&up);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let resumed = r["resumed_chunks"].as_u64().unwrap();
-    assert!(
-        resumed >= verified as u64,
-        "{resumed} resumed, {verified} verified before the kill"
-    );
-    assert_eq!(r["sent_chunks"].as_u64().unwrap() + resumed, 100);
-    assert_eq!(r["sent_bytes"].as_u64().unwrap(), (100 - resumed) << 20);
-    assert_eq!(sha_file(&remote), want);
+    kill_and_resume(&f, &up, &journal, &remote, &want);
 
     // Download the same way.
     let dst = f.dir.path().join("resumed-down.bin");
@@ -509,20 +499,9 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
         "--output",
         "json",
     ];
-    let verified = kill_midway(&f, &down, &local_journal, 5);
-    assert!(!dst.exists());
-    let out = f.run(&down);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let resumed = r["resumed_chunks"].as_u64().unwrap();
-    assert!(
-        resumed >= verified as u64,
-        "{resumed} resumed, {verified} verified before the kill"
-    );
-    assert_eq!(r["sent_chunks"].as_u64().unwrap() + resumed, 100);
-    assert_eq!(sha_file(&dst), want);
+    kill_and_resume(&f, &down, &local_journal, &dst, &want);
 
-    // A chunk changed on the pod since it was verified is sent again, not trusted.
+    // A journal that is not for this file (size, chunk size) is ignored: everything is sent.
     std::fs::write(&journal, "garbage").unwrap();
     let lib = PodAccess::new(
         Arc::new(f.client.clone()),

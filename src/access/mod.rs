@@ -11,6 +11,7 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::join::pod::PodShell;
 use crate::join::pool::SshPool;
 use crate::join::{ExecOutput, JoinError, Output, SshTarget};
 use crate::model::PodId;
@@ -227,7 +228,7 @@ impl PodAccess {
     pub async fn exec(&self, id: &str, command: &str) -> Result<ExecOutput, AccessError> {
         let (_, target) = self.resolve(id).await?;
         self.pool
-            .exec(id, &target, command, self.timeout)
+            .run(id, &target, command, self.timeout)
             .await
             .map_err(|e| AccessError::ssh(id, e))
     }

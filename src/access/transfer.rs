@@ -282,10 +282,25 @@ struct Item {
 }
 
 /// A file's work so far.
+#[derive(Default)]
 struct Tally {
     sent_chunks: u64,
     resumed_chunks: u64,
     sent_bytes: u64,
+}
+
+impl Tally {
+    fn report(&self, it: &Item, chunks: u64, sha256: String) -> FileReport {
+        FileReport {
+            local: it.local.display().to_string(),
+            remote: it.remote.clone(),
+            bytes: it.size,
+            sha256,
+            chunks,
+            sent_chunks: self.sent_chunks,
+            resumed_chunks: self.resumed_chunks,
+        }
+    }
 }
 
 fn local_err(path: &Path, e: impl std::fmt::Display) -> AccessError {
@@ -293,6 +308,14 @@ fn local_err(path: &Path, e: impl std::fmt::Display) -> AccessError {
         side: "local".into(),
         path: path.display().to_string(),
         detail: e.to_string(),
+    }
+}
+
+fn pod_path_err(pod: &str, path: impl Into<String>, detail: impl std::fmt::Display) -> AccessError {
+    AccessError::Path {
+        side: format!("pod {pod}"),
+        path: path.into(),
+        detail: detail.to_string(),
     }
 }
 
@@ -381,19 +404,19 @@ impl PodAccess {
         let (_, out) = self
             .run_checked(pod, target, &format!("df -Pk {}", shell_quote(dir)))
             .await
-            .map_err(|e| AccessError::Path {
-                side: format!("pod {pod}"),
-                path: dir.to_owned(),
-                detail: format!("cannot read free space: {e}"),
+            .map_err(|e| {
+                pod_path_err(pod, dir.to_owned(), format!("cannot read free space: {e}"))
             })?;
         parse_df(&format!(
             "header\n{}",
             out.lines().last().unwrap_or_default()
         ))
-        .ok_or_else(|| AccessError::Path {
-            side: format!("pod {pod}"),
-            path: dir.to_owned(),
-            detail: format!("cannot read free space from df: {out}"),
+        .ok_or_else(|| {
+            pod_path_err(
+                pod,
+                dir.to_owned(),
+                format!("cannot read free space from df: {out}"),
+            )
         })
     }
 
@@ -406,11 +429,7 @@ impl PodAccess {
             .read_dir(path)
             .instrument(span)
             .await
-            .map_err(|e| AccessError::Path {
-                side: format!("pod {pod}"),
-                path: path.to_owned(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| pod_path_err(pod, path.to_owned(), e.to_string()))?;
         let mut entries: Vec<RemoteEntry> = dir
             .filter(|e| e.file_name() != "." && e.file_name() != "..")
             .map(|e| {
@@ -451,7 +470,7 @@ impl PodAccess {
         let meta = tokio::fs::metadata(local)
             .await
             .map_err(|e| local_err(local, e))?;
-        let mut sftp = self.sftp(pod, &target).await?;
+        let sftp = self.sftp(pod, &target).await?;
         let remote_is_dir = sftp.metadata(remote).await.is_ok_and(|m| m.is_dir());
         let name = local
             .file_name()
@@ -506,56 +525,21 @@ impl PodAccess {
         }
         for d in &dirs {
             if !sftp.metadata(d).await.is_ok_and(|m| m.is_dir()) {
-                sftp.create_dir(d).await.map_err(|e| AccessError::Path {
-                    side: format!("pod {pod}"),
-                    path: d.clone(),
-                    detail: format!("cannot create directory: {e}"),
+                sftp.create_dir(d).await.map_err(|e| {
+                    pod_path_err(pod, d.clone(), format!("cannot create directory: {e}"))
                 })?;
             }
         }
-        let total: u64 = items.iter().map(|i| i.size).sum();
-        let progress = Progress::new(settings.progress, total, "upload");
-        let mut reports = Vec::new();
-        let mut sent_bytes = 0;
-        for it in &items {
-            let mut attempt = 0;
-            loop {
-                let span =
-                    tracing::info_span!("sftp.upload", pod, remote = %it.remote, bytes = it.size);
-                match self
-                    .upload_file(&sftp, pod, &target, it, settings, &progress)
-                    .instrument(span)
-                    .await
-                {
-                    Ok((r, t)) => {
-                        sent_bytes += t.sent_bytes;
-                        reports.push(r);
-                        break;
-                    }
-                    Err(e)
-                        if attempt < settings.retries
-                            && (e.is_retryable() || e.kind() == "integrity") =>
-                    {
-                        attempt += 1;
-                        tracing::warn!(pod, file = %it.remote, error = %e, attempt, "upload interrupted; resuming from the verified chunks");
-                        tokio::time::sleep(std::time::Duration::from_millis(
-                            200 * u64::from(attempt),
-                        ))
-                        .await;
-                        sftp = self.sftp(pod, &target).await?;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let _ = sftp.close().await;
-        Ok(TransferReport::new(
+        self.transfer_items(
             Direction::Upload,
+            sftp,
             pod,
-            reports,
-            sent_bytes,
+            &target,
+            &items,
+            settings,
             started,
-        ))
+        )
+        .await
     }
 
     async fn upload_file(
@@ -580,11 +564,7 @@ impl PodAccess {
             let mut j = sftp
                 .create(journal.as_str())
                 .await
-                .map_err(|e| AccessError::Path {
-                    side: format!("pod {pod}"),
-                    path: journal.clone(),
-                    detail: e.to_string(),
-                })?;
+                .map_err(|e| pod_path_err(pod, journal.clone(), e.to_string()))?;
             j.write_all(journal_header(it.size, chunk).as_bytes())
                 .await
                 .map_err(|e| sftp_err(pod, format!("writing {journal}: {e}")))?;
@@ -600,20 +580,12 @@ impl PodAccess {
         let mut file = sftp
             .open_with_flags(part.as_str(), flags)
             .await
-            .map_err(|e| AccessError::Path {
-                side: format!("pod {pod}"),
-                path: part.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| pod_path_err(pod, part.clone(), e.to_string()))?;
         let mut src = tokio::fs::File::open(&it.local)
             .await
             .map_err(|e| local_err(&it.local, e))?;
         let mut whole = Sha256::new();
-        let mut tally = Tally {
-            sent_chunks: 0,
-            resumed_chunks: 0,
-            sent_bytes: 0,
-        };
+        let mut tally = Tally::default();
         // Chunk checks run on the pod while the next chunk is sent (two at a time).
         let mut checks = tokio::task::JoinSet::new();
         for i in 0..n {
@@ -665,18 +637,7 @@ impl PodAccess {
                 detail: format!("the pod has SHA-256 {got}, this machine sent {sha}"),
             });
         }
-        Ok((
-            FileReport {
-                local: it.local.display().to_string(),
-                remote: it.remote.clone(),
-                bytes: it.size,
-                sha256: sha,
-                chunks: n,
-                sent_chunks: tally.sent_chunks,
-                resumed_chunks: tally.resumed_chunks,
-            },
-            tally,
-        ))
+        Ok((tally.report(it, n, sha), tally))
     }
 
     /// Downloads `remote` (a file or directory) from pod `pod` to `local` (into it when it is an
@@ -690,12 +651,11 @@ impl PodAccess {
     ) -> Result<TransferReport, AccessError> {
         let started = Instant::now();
         let (_, target) = self.resolve(pod).await?;
-        let mut sftp = self.sftp(pod, &target).await?;
-        let meta = sftp.metadata(remote).await.map_err(|e| AccessError::Path {
-            side: format!("pod {pod}"),
-            path: remote.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let sftp = self.sftp(pod, &target).await?;
+        let meta = sftp
+            .metadata(remote)
+            .await
+            .map_err(|e| pod_path_err(pod, remote.to_owned(), e.to_string()))?;
         let name = remote
             .trim_end_matches('/')
             .rsplit('/')
@@ -748,20 +708,56 @@ impl PodAccess {
         for d in &dirs {
             std::fs::create_dir_all(d).map_err(|e| local_err(d, e))?;
         }
+        self.transfer_items(
+            Direction::Download,
+            sftp,
+            pod,
+            &target,
+            &items,
+            settings,
+            started,
+        )
+        .await
+    }
+
+    /// Moves every item one way, each file retried (resuming from its journal) after a dropped
+    /// connection or a failed check, up to `settings.retries` times.
+    #[allow(clippy::too_many_arguments)]
+    async fn transfer_items(
+        &self,
+        direction: Direction,
+        mut sftp: SftpSession,
+        pod: &str,
+        target: &SshTarget,
+        items: &[Item],
+        settings: &TransferSettings,
+        started: Instant,
+    ) -> Result<TransferReport, AccessError> {
         let total: u64 = items.iter().map(|i| i.size).sum();
-        let progress = Progress::new(settings.progress, total, "download");
+        let what = match direction {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+        };
+        let progress = Progress::new(settings.progress, total, what);
         let mut reports = Vec::new();
         let mut sent_bytes = 0;
-        for it in &items {
+        for it in items {
             let mut attempt = 0;
             loop {
-                let span =
-                    tracing::info_span!("sftp.download", pod, remote = %it.remote, bytes = it.size);
-                match self
-                    .download_file(&sftp, pod, &target, it, settings, &progress)
-                    .instrument(span)
-                    .await
-                {
+                let span = tracing::info_span!("sftp.transfer", direction = what, pod, remote = %it.remote, bytes = it.size);
+                let done = match direction {
+                    Direction::Upload => {
+                        self.upload_file(&sftp, pod, target, it, settings, &progress)
+                            .instrument(span)
+                            .await
+                    }
+                    Direction::Download => {
+                        self.download_file(&sftp, pod, target, it, settings, &progress)
+                            .instrument(span)
+                            .await
+                    }
+                };
+                match done {
                     Ok((r, t)) => {
                         sent_bytes += t.sent_bytes;
                         reports.push(r);
@@ -772,12 +768,12 @@ impl PodAccess {
                             && (e.is_retryable() || e.kind() == "integrity") =>
                     {
                         attempt += 1;
-                        tracing::warn!(pod, file = %it.remote, error = %e, attempt, "download interrupted; resuming from the verified chunks");
+                        tracing::warn!(pod, file = %it.remote, error = %e, attempt, "{what} interrupted; resuming from the verified chunks");
                         tokio::time::sleep(std::time::Duration::from_millis(
                             200 * u64::from(attempt),
                         ))
                         .await;
-                        sftp = self.sftp(pod, &target).await?;
+                        sftp = self.sftp(pod, target).await?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -785,11 +781,7 @@ impl PodAccess {
         }
         let _ = sftp.close().await;
         Ok(TransferReport::new(
-            Direction::Download,
-            pod,
-            reports,
-            sent_bytes,
-            started,
+            direction, pod, reports, sent_bytes, started,
         ))
     }
 
@@ -852,17 +844,9 @@ impl PodAccess {
         let mut src = sftp
             .open(it.remote.as_str())
             .await
-            .map_err(|e| AccessError::Path {
-                side: format!("pod {pod}"),
-                path: it.remote.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| pod_path_err(pod, it.remote.clone(), e.to_string()))?;
         let mut whole = Sha256::new();
-        let mut tally = Tally {
-            sent_chunks: 0,
-            resumed_chunks: 0,
-            sent_bytes: 0,
-        };
+        let mut tally = Tally::default();
         for i in 0..n {
             let (off, len) = chunk_span(i, it.size, chunk);
             let Some(expected) = rx.recv().await else {
@@ -924,18 +908,7 @@ impl PodAccess {
         drop(dst);
         std::fs::rename(&part, &it.local).map_err(|e| local_err(&it.local, e))?;
         let _ = std::fs::remove_file(&journal);
-        Ok((
-            FileReport {
-                local: it.local.display().to_string(),
-                remote: it.remote.clone(),
-                bytes: it.size,
-                sha256: sha,
-                chunks: n,
-                sent_chunks: tally.sent_chunks,
-                resumed_chunks: tally.resumed_chunks,
-            },
-            tally,
-        ))
+        Ok((tally.report(it, n, sha), tally))
     }
 }
 
@@ -959,18 +932,21 @@ async fn hasher_failed(
 ) -> AccessError {
     match task.await {
         Ok(Err(e)) => e,
-        Ok(Ok((status, stderr))) => AccessError::Path {
-            side: format!("pod {pod}"),
-            path: path.to_owned(),
-            detail: format!("hashing on the pod failed (exit {status:?}): {stderr}"),
-        },
+        Ok(Ok((status, stderr))) => pod_path_err(
+            pod,
+            path.to_owned(),
+            format!("hashing on the pod failed (exit {status:?}): {stderr}"),
+        ),
         Err(e) => sftp_err(pod, e),
     }
 }
 
+/// What a pod-side chunk check saw: chunk index, the hash sent, the hash on the pod.
+type CheckOutcome = Result<(u64, String, String), AccessError>;
+
 /// The outcome of one pod-side chunk check.
 fn join_check(
-    r: Option<Result<Result<(u64, String, String), AccessError>, tokio::task::JoinError>>,
+    r: Option<Result<CheckOutcome, tokio::task::JoinError>>,
     pod: &str,
     path: &str,
 ) -> Result<(), AccessError> {
@@ -1031,11 +1007,7 @@ async fn walk_remote(
         let entries = sftp
             .read_dir(rdir.as_str())
             .await
-            .map_err(|e| AccessError::Path {
-                side: format!("pod {pod}"),
-                path: rdir.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| pod_path_err(pod, rdir.clone(), e.to_string()))?;
         for e in entries {
             let name = e.file_name();
             if name == "." || name == ".." {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ssh_target, AccessError, PodAccess};
 use crate::clock::Clock;
-use crate::join::pod::{parse_gpus, HEALTH_QUERY};
+use crate::join::pod::{parse_gpus, PodShell, HEALTH_QUERY};
 use crate::model::{PodState, Timestamp};
 use crate::provider::Pod;
 
@@ -151,7 +151,7 @@ async fn probe(access: &PodAccess, pod: &Pod, timeout: Duration) -> Observation 
         Err(_) => None,
         Ok(target) => {
             let id = pod.id.as_str();
-            let out = access.pool().exec(id, &target, HEALTH_QUERY, timeout).await;
+            let out = access.pool().run(id, &target, HEALTH_QUERY, timeout).await;
             Some(match out {
                 Err(e) => Err(e.to_string()),
                 Ok(o) => parse_gpus(&o)

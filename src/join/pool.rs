@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::pod::PodShell;
 use super::{
     connect, run_channel, ExecOutput, HostKeyPolicy, JoinError, Output, SshKey, SshTarget, Verifier,
 };
@@ -159,29 +160,6 @@ impl SshPool {
                 after: timeout,
             }),
         }
-    }
-
-    /// Runs `command` and collects its output.
-    pub async fn exec(
-        &self,
-        pod_id: &str,
-        target: &SshTarget,
-        command: &str,
-        timeout: Duration,
-    ) -> Result<ExecOutput, JoinError> {
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        let exit_status = self
-            .exec_streaming(pod_id, target, command, timeout, |o| match o {
-                Output::Stdout(d) => stdout.extend_from_slice(d),
-                Output::Stderr(d) => stderr.extend_from_slice(d),
-            })
-            .await?;
-        Ok(ExecOutput {
-            exit_status,
-            stdout,
-            stderr,
-        })
     }
 
     /// Opens the `subsystem` (e.g. `sftp`) on a pooled channel; the stream holds one of the
@@ -332,6 +310,41 @@ impl SshPool {
         self.inner.handshakes.fetch_add(1, Ordering::SeqCst);
         *conn = Some(handle.clone());
         Ok(handle)
+    }
+}
+
+/// Commands over the pool: each pod's one connection, reused.
+#[async_trait::async_trait]
+impl PodShell for SshPool {
+    /// Runs `command` and collects its output.
+    async fn run(
+        &self,
+        pod_id: &str,
+        target: &SshTarget,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, JoinError> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let exit_status = self
+            .exec_streaming(pod_id, target, command, timeout, |o| match o {
+                Output::Stdout(d) => stdout.extend_from_slice(d),
+                Output::Stderr(d) => stderr.extend_from_slice(d),
+            })
+            .await?;
+        Ok(ExecOutput {
+            exit_status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Drops the pod's connection and, under trust on first use, its remembered host key.
+    fn forget(&self, pod_id: &str) {
+        self.slots().remove(pod_id);
+        if let HostKeyPolicy::TrustOnFirstUse(known) = &self.inner.policy {
+            known.forget(pod_id);
+        }
     }
 }
 
