@@ -244,6 +244,14 @@ async fn main() {
         ours.push(t.elapsed());
     }
     Lat(ours).row("runpod-autoscaler pooled (warm)");
+    let mut looked_up = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        access.exec(&p0, "true").await.unwrap();
+        looked_up.push(t.elapsed());
+    }
+    Lat(looked_up)
+        .row("runpod-autoscaler `PodAccess::exec` (API lookup + pooled SSH, as `exec`/MCP)");
     let plain: Vec<Duration> = (0..100).map(|_| timed(ssh(&[], "true"))).collect();
     Lat(plain).row("`ssh host true` per command");
     let control = dir.path().join("cm-%p");
