@@ -98,7 +98,12 @@ impl Fixture {
     /// The binary with the emulator's API settings and the config (`--config` goes before a
     /// `--`, after which everything is the remote command).
     fn cli(&self, args: &[&str]) -> Command {
-        let config = self.config.to_str().unwrap();
+        self.cli_with(&self.config, args)
+    }
+
+    /// [`Fixture::cli`] with another config file.
+    fn cli_with(&self, config: &Path, args: &[&str]) -> Command {
+        let config = config.to_str().unwrap();
         let at = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         let mut c = Command::new(env!("CARGO_BIN_EXE_runpod-autoscaler"));
         c.args(&args[..at])
@@ -214,6 +219,37 @@ async fn exec_streams_output_and_exits_with_the_remote_status() {
     );
     assert!(!stdout.contains(&format!("[{pod}] done")), "{stdout}");
     assert!(text(&out.stderr).contains(&format!("[{pod}] exit 4")));
+
+    // A host key other than the pinned one is refused; --identity overrides the config's key.
+    let other = f.dir.path().join("other");
+    let other_pub = sshd::generate_key(&other, "intruder").unwrap();
+    let wrong = f.dir.path().join("wrong-host.toml");
+    std::fs::write(
+        &wrong,
+        format!(
+            "[reconcile]\nssh_key_file = {:?}\nssh_host_keys = [{other_pub:?}]\n",
+            f.key_path.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = f
+        .cli_with(&wrong, &["exec", &pod, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("host key")
+            && text(&out.stderr).contains("not the expected one"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = f.run(&["exec", &pod, "-i", other.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("authentication as root was rejected"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // Clear errors: an unknown pod, a stopped one, a bad API key.
     let out = f.run(&["exec", "nosuchpod", "--", "true"]);

@@ -70,12 +70,12 @@ pub enum AccessError {
         detail: String,
     },
     /// SSH failed after the pod was found running (host key, login, session).
-    #[error("SSH to pod {pod}: {source}")]
+    #[error("SSH to pod {pod}: {cause}")]
     Ssh {
         /// The pod.
         pod: String,
         /// What failed.
-        source: JoinError,
+        cause: JoinError,
     },
     /// The SFTP session failed.
     #[error("SFTP on pod {pod}: {detail}")]
@@ -114,7 +114,7 @@ impl AccessError {
     /// True when trying again later may succeed (connection drops, provider hiccups).
     pub fn is_retryable(&self) -> bool {
         match self {
-            AccessError::Ssh { source, .. } => source.is_retryable(),
+            AccessError::Ssh { cause, .. } => cause.is_retryable(),
             AccessError::Sftp { .. } | AccessError::PodOffline { .. } => true,
             AccessError::Provider(e) => e.is_retryable(),
             _ => false,
@@ -139,7 +139,7 @@ impl AccessError {
         } else {
             AccessError::Ssh {
                 pod: pod.to_owned(),
-                source: e,
+                cause: e,
             }
         }
     }
