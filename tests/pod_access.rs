@@ -559,6 +559,71 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
     );
 }
 
+/// SIGKILLs every connection process of the sshd listening as `pid` (the processes it forked
+/// per connection): each client sees its TCP connection cut.
+fn cut_connections(pid: u32) -> usize {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let _ = Command::new("kill")
+                .args(["-9", &child.to_string()])
+                .status();
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_is_resumed_in_process() {
+    let f = fixture(1).await;
+    let pod = f.id(0);
+    let src = f.dir.path().join("cut.bin");
+    random_file(&src, 64 << 20);
+    let want = sha_file(&src);
+    let journal = f.home(0).join("cut.bin.rpa-journal");
+    let sshd_pid = f
+        .emu
+        .admin_pods()
+        .into_iter()
+        .find(|p| p.id == pod)
+        .and_then(|p| p.sshd_pid)
+        .unwrap();
+    let access = PodAccess::new(
+        Arc::new(f.client.clone()),
+        f.pool(PoolSettings::default()),
+        Duration::from_secs(60),
+    );
+    let settings = TransferSettings {
+        chunk_size: 1 << 20,
+        ..TransferSettings::default()
+    };
+    let upload = {
+        let (access, pod, src) = (access.clone(), pod.clone(), src.clone());
+        tokio::spawn(async move { access.upload(&pod, &src, "cut.bin", &settings).await })
+    };
+    support::eventually("a few verified chunks", Duration::from_secs(60), || async {
+        (journal_entries(&journal) >= 3).then_some(())
+    })
+    .await;
+    assert!(cut_connections(sshd_pid) > 0, "no connection to cut");
+    let r = upload.await.unwrap().expect("the upload survives the cut");
+    assert!(r.resumed_chunks >= 3, "{r:?}");
+    assert_eq!(r.sent_chunks + r.resumed_chunks, 64);
+    assert_eq!(sha_file(&f.home(0).join("cut.bin")), want);
+    assert!(access.pool().handshakes() >= 2, "it reconnected");
+}
+
 /// Unmounts a tmpfs when the test ends, however it ends.
 struct Mount(PathBuf);
 
