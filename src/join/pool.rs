@@ -284,6 +284,16 @@ impl SshPool {
             // Bulk transfers: a larger window keeps the pipe full on a long round trip.
             window_size: 16 * 1024 * 1024,
             nodelay: true,
+            // AES-GCM first: with AES-NI (every x86 RunPod host) it costs a fraction of
+            // ChaCha20-Poly1305 per byte, on both ends; the rest of the default order follows.
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Borrowed(&[
+                    russh::cipher::AES_256_GCM,
+                    russh::cipher::CHACHA20_POLY1305,
+                    russh::cipher::AES_256_CTR,
+                ]),
+                ..russh::Preferred::DEFAULT
+            },
             ..Default::default()
         };
         let addr = slot.target.addr();
