@@ -7,3 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin runpod-autoscaler --example bench_access
 RPA_BINARY="$PWD/target/release/runpod-autoscaler" target/release/examples/bench_access
+# The MCP server's own memory after 1,000 tool calls from the official MCP Python SDK client.
+. scripts/lib.sh
+ensure_venv
+RPA_BINARY="$PWD/target/release/runpod-autoscaler" .venv/bin/python scripts/bench_mcp_rss.py
