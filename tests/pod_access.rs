@@ -136,6 +136,29 @@ impl Fixture {
         PathBuf::from(pod.pod_dir.unwrap())
     }
 
+    /// A random local file `name` of `size` bytes, its SHA-256, and the journal its upload to
+    /// the pod's home keeps there.
+    fn source(&self, name: &str, size: usize) -> (PathBuf, String, PathBuf) {
+        let src = self.dir.path().join(name);
+        random_file(&src, size);
+        let want = sha_file(&src);
+        (src, want, self.home(0).join(format!("{name}.rpa-journal")))
+    }
+
+    /// The library's pod access over a pool of its own, and 1 MiB transfer chunks.
+    fn access(&self) -> (PodAccess, TransferSettings) {
+        let access = PodAccess::new(
+            Arc::new(self.client.clone()),
+            self.pool(PoolSettings::default()),
+            Duration::from_secs(60),
+        );
+        let settings = TransferSettings {
+            chunk_size: 1 << 20,
+            ..TransferSettings::default()
+        };
+        (access, settings)
+    }
+
     fn pool(&self, settings: PoolSettings) -> SshPool {
         SshPool::new(
             SshKey::load(&self.key_path).unwrap(),
@@ -505,11 +528,8 @@ fn kill_and_resume(f: &Fixture, args: &[&str], journal: &Path, dst: &Path, want:
 async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
     let f = fixture(1).await;
     let pod = f.id(0);
-    let src = f.dir.path().join("resume.bin");
-    random_file(&src, 100 << 20);
-    let want = sha_file(&src);
+    let (src, want, journal) = f.source("resume.bin", 100 << 20);
     let remote = f.home(0).join("resume.bin");
-    let journal = f.home(0).join("resume.bin.rpa-journal");
 
     // Upload with 1 MiB chunks, killed after a few verified chunks, then run again.
     let up = [
@@ -539,15 +559,7 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
 
     // A journal that is not for this file (size, chunk size) is ignored: everything is sent.
     std::fs::write(&journal, "garbage").unwrap();
-    let lib = PodAccess::new(
-        Arc::new(f.client.clone()),
-        f.pool(PoolSettings::default()),
-        Duration::from_secs(60),
-    );
-    let settings = TransferSettings {
-        chunk_size: 1 << 20,
-        ..TransferSettings::default()
-    };
+    let (lib, settings) = f.access();
     let r = lib
         .upload(&pod, &src, "resume.bin", &settings)
         .await
@@ -559,39 +571,23 @@ async fn a_killed_transfer_resumes_without_resending_verified_chunks() {
     );
 }
 
-/// SIGKILLs every connection process of the sshd listening as `pid` (the processes it forked
-/// per connection): each client sees its TCP connection cut.
+/// SIGKILLs every connection process of the sshd listening as `pid` (and their sessions):
+/// each client sees its TCP connection cut.
 fn cut_connections(pid: u32) -> usize {
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            let _ = Command::new("kill")
-                .args(["-9", &child.to_string()])
-                .status();
-            killed += 1;
-        }
+    let procs = sshd::descendants(pid);
+    if !procs.is_empty() {
+        let mut kill = Command::new("kill");
+        kill.arg("-9").args(procs.iter().map(u32::to_string));
+        let _ = kill.status();
     }
-    killed
+    procs.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_connection_is_resumed_in_process() {
     let f = fixture(1).await;
     let pod = f.id(0);
-    let src = f.dir.path().join("cut.bin");
-    random_file(&src, 64 << 20);
-    let want = sha_file(&src);
-    let journal = f.home(0).join("cut.bin.rpa-journal");
+    let (src, want, journal) = f.source("cut.bin", 64 << 20);
     let sshd_pid = f
         .emu
         .admin_pods()
@@ -599,15 +595,7 @@ async fn a_cut_connection_is_resumed_in_process() {
         .find(|p| p.id == pod)
         .and_then(|p| p.sshd_pid)
         .unwrap();
-    let access = PodAccess::new(
-        Arc::new(f.client.clone()),
-        f.pool(PoolSettings::default()),
-        Duration::from_secs(60),
-    );
-    let settings = TransferSettings {
-        chunk_size: 1 << 20,
-        ..TransferSettings::default()
-    };
+    let (access, settings) = f.access();
     let upload = {
         let (access, pod, src) = (access.clone(), pod.clone(), src.clone());
         tokio::spawn(async move { access.upload(&pod, &src, "cut.bin", &settings).await })
