@@ -20,6 +20,8 @@ ensure_s3s
 ensure_checkov
 
 log "building"
+# Every locked package, whatever its target (test_image.py reads `cargo metadata --offline`).
+cargo fetch --locked
 cargo build --locked --no-default-features --bin runpod-autoscaler && if ./target/debug/runpod-autoscaler emulator --help >/dev/null 2>&1; then echo "built without the emulator feature, the binary still has an emulator subcommand" >&2; exit 1; fi
 cargo build --locked --all-targets
 

@@ -18,11 +18,14 @@ use runpod_autoscaler::model::{PodId, Usd};
 use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
 use runpod_autoscaler::provider::CloudProvider;
 use runpod_autoscaler::reconcile::claims::{MemoryClaims, RedbClaims};
-use runpod_autoscaler::reconcile::{Context as ReconcileContext, ReconcileSettings, Reconciler};
+use runpod_autoscaler::reconcile::{
+    Context as ReconcileContext, ReconcileSettings, Reconciler, TickReport,
+};
 use runpod_autoscaler::service;
 use runpod_autoscaler::telemetry::Metrics;
 
-fn client(config: Option<&Path>) -> Result<RunPodClient> {
+/// The RunPod client the `[runpod]` table (and environment) describes; an API key is required.
+pub fn client(config: Option<&Path>) -> Result<RunPodClient> {
     let c = RunPodConfig::load_section(config)?;
     if c.api_key.as_ref().is_none_or(|k| k.is_empty()) {
         bail!("no RunPod API key: set RUNPOD_API_KEY or runpod.api_key in the config file");
@@ -68,7 +71,16 @@ pub async fn gpus(config: Option<&Path>, json: bool) -> Result<()> {
 /// and join state come from the claim store (`reconcile.state_dir`, read while the service runs);
 /// health from the running service (`--service`).
 pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool) -> Result<()> {
-    let pods = client(config)?.list().await.context("listing pods")?;
+    let client = client(config)?;
+    let pods = client.list().await.context("listing pods")?;
+    // Spend so far per pod; the listing stands without it.
+    let billed = match client.billing(None).await {
+        Ok(b) => Some(b.per_pod),
+        Err(e) => {
+            eprintln!("warning: billing not read ({e}); SPENT shows -");
+            None
+        }
+    };
     let claims = match config {
         Some(path) => {
             let dir = ReconcileConfig::load_section(path)?.state_dir;
@@ -102,6 +114,9 @@ pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool)
                 .iter()
                 .find(|e| e["pod"].as_str() == Some(p.id.as_str()));
             PodRow {
+                accrued_usd: billed
+                    .as_ref()
+                    .map(|b| b.get(p.id.as_str()).copied().unwrap_or(0.0)),
                 pod: p.clone(),
                 slot: claim.map(|c| format!("{}-{}", c.key.slot, c.key.generation)),
                 join: claim.map(|c| if c.joined { "joined" } else { "pending" }.to_owned()),
@@ -123,8 +138,8 @@ pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool)
     }
     let now = SystemClock.now();
     println!(
-        "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7} SSH",
-        "ID", "NAME", "SLOT", "STATE", "JOIN", "HEALTH", "AGE", "$/H"
+        "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7} {:>8} SSH",
+        "ID", "NAME", "SLOT", "STATE", "JOIN", "HEALTH", "AGE", "$/H", "SPENT"
     );
     for r in &rows {
         let p = &r.pod;
@@ -143,7 +158,7 @@ pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool)
             .map(|s| format!("{}@{}:{}", s.username, s.host, s.port))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7.2} {}",
+            "{:<16} {:<24} {:<6} {:<13} {:<8} {:<9} {:>8} {:>7.2} {:>8} {}",
             p.id.as_str(),
             p.name,
             r.slot.as_deref().unwrap_or("-"),
@@ -152,6 +167,9 @@ pub async fn pods_list(config: Option<&Path>, service: Option<&str>, json: bool)
             r.health.as_deref().unwrap_or("-"),
             age,
             p.usd_per_hour.dollars(),
+            r.accrued_usd
+                .map(|a| format!("{a:.4}"))
+                .unwrap_or_else(|| "-".into()),
             ssh
         );
     }
@@ -169,11 +187,13 @@ struct PodRow {
     join: Option<String>,
     /// `ready`, `not ready` or `retiring`, from the running service.
     health: Option<String>,
+    /// Billed so far (USD), when billing could be read.
+    accrued_usd: Option<f64>,
 }
 
-/// `plan`: one observation of RunPod, the claims and the signals, and the plan a tick would
-/// carry out now. Nothing is executed and the claim store is only read.
-pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
+/// One observation of RunPod, the claims and the signals, and the plan a tick would carry out
+/// now (nothing executed, the claim store only read); also whether RunPod could be listed.
+pub async fn preview(config_path: &Path) -> Result<(TickReport, bool)> {
     let config =
         Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
     let now = SystemClock.now();
@@ -230,14 +250,26 @@ pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
     });
     let mut reconciler = Reconciler::new(ctx).context("reading the claims")?;
     let report = reconciler.preview(&signals, &policy).await;
+    let synced = reconciler.is_synced();
+    Ok((report, synced))
+}
+
+/// The preview as JSON: plan, fleet, errors, and the plan as text.
+pub fn preview_json(report: &TickReport) -> serde_json::Value {
+    serde_json::json!({
+        "plan": report.plan,
+        "fleet": report.fleet,
+        "errors": report.errors,
+        "text": report.plan.to_string(),
+    })
+}
+
+/// `plan`: one observation of RunPod, the claims and the signals, and the plan a tick would
+/// carry out now. Nothing is executed and the claim store is only read.
+pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
+    let (report, synced) = preview(config_path).await?;
     if json {
-        let out = serde_json::json!({
-            "plan": report.plan,
-            "fleet": report.fleet,
-            "errors": report.errors,
-            "text": report.plan.to_string(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&preview_json(&report))?);
     } else {
         print!("{}", report.plan);
         for e in &report.fleet {
@@ -255,7 +287,7 @@ pub async fn plan(config_path: &Path, json: bool) -> Result<()> {
             eprintln!("warning: {e}");
         }
     }
-    if !reconciler.is_synced() {
+    if !synced {
         bail!("RunPod could not be listed; the plan above holds everything");
     }
     Ok(())

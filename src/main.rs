@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+mod access_cli;
 mod checkpoint_cli;
 mod cli;
 
@@ -116,6 +117,50 @@ enum Command {
         #[command(subcommand)]
         command: PodsCommand,
     },
+    /// Run a command on a pod (or every pod with --all) over pooled SSH; exits with its status.
+    Exec {
+        /// The pod id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        pod: Option<String>,
+        /// Every owned RUNNING pod at once, output lines prefixed with `[pod] `.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+        /// The command (after `--`), run by the pod's shell in its home.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy files between this machine and a pod (`POD:PATH` on one side): chunked, each chunk
+    /// SHA-256 checked on the receiving side, resumable, free space checked first.
+    Cp {
+        /// Source: a local path or `POD:PATH`.
+        src: String,
+        /// Destination: a local path or `POD:PATH`.
+        dst: String,
+        /// Chunk size (e.g. 8MiB; default access.chunk_size).
+        #[arg(long, value_parser = parse_chunk)]
+        chunk_size: Option<u64>,
+        #[command(flatten)]
+        access: AccessArgs,
+        /// Output format (json: a summary with hashes and chunk counts).
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Our pods' $/h now and spend so far, totalled by GPU type.
+    Cost {
+        /// Configuration file (only its `[runpod]` table is read).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Serve the Model Context Protocol on stdin/stdout: pod tools for AI agents.
+    Mcp {
+        #[command(flatten)]
+        access: AccessArgs,
+    },
     /// Run on a pod by the GPU worker: checkpoint a job's directory to the store, or resume
     /// the latest checkpoint (exit 3: nothing to resume).
     Agent {
@@ -138,6 +183,31 @@ enum Command {
     },
 }
 
+/// Where `exec`, `cp`, `pods watch` and `mcp` get API settings and the SSH key.
+#[derive(clap::Args)]
+struct AccessArgs {
+    /// Configuration file (`[runpod]`, `[access]`, `reconcile.ssh_key_file`,
+    /// `reconcile.ssh_host_keys`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// SSH private key (default: reconcile.ssh_key_file of the config).
+    #[arg(long, short = 'i')]
+    identity: Option<PathBuf>,
+}
+
+impl AccessArgs {
+    fn opts(self) -> access_cli::Opts {
+        access_cli::Opts {
+            config: self.config,
+            identity: self.identity,
+        }
+    }
+}
+
+fn parse_chunk(s: &str) -> Result<u64, String> {
+    runpod_autoscaler::access::transfer::parse_size(s)
+}
+
 #[derive(Subcommand)]
 enum PodsCommand {
     /// List our pods: state, age, $/h, SSH endpoint.
@@ -150,6 +220,18 @@ enum PodsCommand {
         #[arg(long)]
         service: Option<String>,
         /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Watch our pods: online/offline transitions (provider state and an SSH probe) and GPU
+    /// utilization, one line per event, until interrupted.
+    Watch {
+        /// Poll period (default access.watch_interval, 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+        #[command(flatten)]
+        access: AccessArgs,
+        /// Output format (json: one object per line).
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -240,9 +322,59 @@ fn main() -> ExitCode {
                         force,
                         config,
                     } => cli::pods_terminate(config.as_deref(), id, all_owned, yes, force).await,
+                    PodsCommand::Watch {
+                        interval,
+                        access,
+                        output,
+                    } => access_cli::watch(&access.opts(), interval, output == Output::Json).await,
                 }
             })
         }),
+        Command::Exec {
+            pod,
+            all,
+            access,
+            command,
+        } => {
+            return match runtime()
+                .and_then(|rt| rt.block_on(access_cli::exec(&access.opts(), pod, all, &command)))
+            {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(255)
+                }
+            }
+        }
+        Command::Cp {
+            src,
+            dst,
+            chunk_size,
+            access,
+            output,
+        } => runtime().and_then(|rt| {
+            rt.block_on(access_cli::cp(
+                &access.opts(),
+                &src,
+                &dst,
+                chunk_size,
+                output == Output::Json,
+            ))
+        }),
+        Command::Cost { config, output } => runtime().and_then(|rt| {
+            rt.block_on(access_cli::cost(config.as_deref(), output == Output::Json))
+        }),
+        Command::Mcp { access } => {
+            // stdout carries the protocol: logs go to stderr, quiet unless RUST_LOG asks.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .init();
+            runtime().and_then(|rt| rt.block_on(access_cli::mcp(&access.opts())))
+        }
         Command::Plan { config, output } => {
             runtime().and_then(|rt| rt.block_on(cli::plan(&config, output == Output::Json)))
         }

@@ -5,6 +5,8 @@
 // Needs the emulator (the `emulator` cargo feature, on by default).
 #![cfg(feature = "emulator")]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use runpod_autoscaler::emulator::{sshd, AdminPod, EmulatorConfig, Faults, Runnin
 use runpod_autoscaler::join::{self, HostKeyPolicy, JoinError, KnownHosts, SshKey, SshTarget};
 use runpod_autoscaler::model::Secret;
 use runpod_autoscaler::model::{GpuTypeId, PodId, Timestamp};
-use runpod_autoscaler::provider::runpod::{PodAction, RunPodClient, RunPodSettings};
+use runpod_autoscaler::provider::runpod::{PodAction, RunPodClient};
 use runpod_autoscaler::provider::{Cloud, CloudProvider, LaunchSpec, Pod};
 use tokio::time::Instant;
 
@@ -81,26 +83,9 @@ async fn login_to_a_running_pod_then_refused_after_terminate() {
     let emu = RunningEmulator::start_local(cfg, Arc::new(clock.clone()))
         .await
         .unwrap();
-    let client = RunPodClient::new(RunPodSettings::new(
-        emu.api_url(),
-        emu.graphql_url(),
-        Secret::new(KEY),
-    ))
-    .unwrap();
-    let mut env = BTreeMap::new();
-    env.insert("PUBLIC_KEY".to_string(), public);
+    let client = support::active::client(&emu, KEY);
     let pod = client
-        .launch(&LaunchSpec {
-            name: "ssh-1".into(),
-            gpu_type: GpuTypeId("NVIDIA RTX A5000".into()),
-            gpu_count: 1,
-            cloud: Cloud::Secure,
-            image: "runpod/base:0.6.2".into(),
-            env,
-            spot_bid_per_gpu: None,
-            data_center_ids: vec![],
-            disk_gb: 20,
-        })
+        .launch(&support::active::ssh_pod("ssh-1", &public))
         .await
         .unwrap();
     assert!(pod.ssh.is_none(), "no SSH while provisioning");
@@ -221,26 +206,13 @@ async fn emulator_shutdown_kills_every_sshd() {
     let emu = RunningEmulator::start_local(cfg, Arc::new(clock))
         .await
         .unwrap();
-    let client = RunPodClient::new(RunPodSettings::new(
-        emu.api_url(),
-        emu.graphql_url(),
-        Secret::new(KEY),
-    ))
-    .unwrap();
+    let client = support::active::client(&emu, KEY);
     for i in 0..3 {
-        let mut env = BTreeMap::new();
-        env.insert("PUBLIC_KEY".to_string(), public.clone());
         client
             .launch(&LaunchSpec {
-                name: format!("k{i}"),
-                gpu_type: GpuTypeId("NVIDIA RTX A5000".into()),
-                gpu_count: 1,
                 cloud: Cloud::Community,
                 image: "img".into(),
-                env,
-                spot_bid_per_gpu: None,
-                data_center_ids: vec![],
-                disk_gb: 20,
+                ..support::active::ssh_pod(&format!("k{i}"), &public)
             })
             .await
             .unwrap();
@@ -296,12 +268,7 @@ async fn public_key_and_port_22_start_sshd_without_start_ssh() {
     let emu = RunningEmulator::start_local(cfg, Arc::new(clock))
         .await
         .unwrap();
-    let client = RunPodClient::new(RunPodSettings::new(
-        emu.api_url(),
-        emu.graphql_url(),
-        Secret::new(KEY),
-    ))
-    .unwrap();
+    let client = support::active::client(&emu, KEY);
     let base = serde_json::json!({"image": "runpod/base:0.6.2",
         "gpu": {"id": "NVIDIA RTX A5000", "count": 1}, "ports": ["22/tcp"]});
     let with = |extra: serde_json::Value| {
@@ -415,12 +382,7 @@ impl Pods {
         let emu = RunningEmulator::start_local(cfg, Arc::new(clock))
             .await
             .unwrap();
-        let client = RunPodClient::new(RunPodSettings::new(
-            emu.api_url(),
-            emu.graphql_url(),
-            Secret::new(KEY),
-        ))
-        .unwrap();
+        let client = support::active::client(&emu, KEY);
         let pinned = HostKeyPolicy::Pinned(vec![emu.host_public_key().unwrap()]);
         Pods {
             key: SshKey::load(&key_path).unwrap(),

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 mod error;
 pub mod format;
 mod local;
-mod progress;
+/// Transfer progress bars (also used by pod file transfers).
+pub mod progress;
 mod s3;
 
 pub use error::CheckpointError;

@@ -3,7 +3,7 @@
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte progress bar, or nothing.
-pub(super) struct Progress(Option<ProgressBar>);
+pub struct Progress(Option<ProgressBar>);
 
 impl Progress {
     /// A bar for `total` bytes labelled `what`, when `enabled` and stderr is a terminal.

@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod access;
 mod baseline;
 mod checkpoint;
 mod reconcile;
 
+pub use access::AccessConfig;
 pub use baseline::{parse_terraform_output, BaselineConfig, TerraformBaseline};
 pub use checkpoint::{byte_size, CheckpointConfig};
 pub use reconcile::{
@@ -81,6 +83,9 @@ pub struct Config {
     /// Where GPU jobs checkpoint to (S3-compatible store); absent: no checkpoint store.
     #[serde(default)]
     pub checkpoint: Option<CheckpointConfig>,
+    /// Pod access (`exec`, `cp`, `pods watch`, `mcp`).
+    #[serde(default)]
+    pub access: AccessConfig,
 }
 
 /// Listeners and loop timing.

@@ -274,8 +274,9 @@ fn marked_processes(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Every descendant of `root` (not `root` itself), from `/proc/*/stat`.
-fn descendants(root: u32) -> Vec<u32> {
+/// Every descendant of `root` (not `root` itself), from `/proc/*/stat`. For a pod's sshd
+/// (`AdminPod::sshd_pid`): its connection processes and their sessions.
+pub fn descendants(root: u32) -> Vec<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {

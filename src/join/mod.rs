@@ -10,6 +10,7 @@
 //! Private keys are held in [`SshKey`], whose Debug output is redacted.
 
 pub mod pod;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -144,7 +145,8 @@ pub struct SshTarget {
 }
 
 impl SshTarget {
-    fn addr(&self) -> String {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
 }
@@ -160,6 +162,38 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// A piece of a running command's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output<'a> {
+    /// Bytes on standard output.
+    Stdout(&'a [u8]),
+    /// Bytes on standard error.
+    Stderr(&'a [u8]),
+}
+
+/// Runs `command` on an open session channel, handing output to `sink` as it arrives; returns
+/// the exit status (`None` when the server sent none).
+async fn run_channel(
+    mut channel: russh::Channel<russh::client::Msg>,
+    command: &str,
+    mut sink: impl FnMut(Output<'_>),
+) -> Result<Option<u32>, JoinError> {
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|e| JoinError::Session(e.to_string()))?;
+    let mut status = None;
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => sink(Output::Stdout(&data)),
+            ChannelMsg::ExtendedData { data, .. } => sink(Output::Stderr(&data)),
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            _ => {}
+        }
+    }
+    Ok(status)
+}
+
 /// The key type and base64 data of an OpenSSH public key line.
 fn key_id(line: &str) -> String {
     line.split_whitespace()
@@ -168,7 +202,8 @@ fn key_id(line: &str) -> String {
         .join(" ")
 }
 
-struct Verifier {
+/// Checks server host keys against a [`HostKeyPolicy`].
+pub(crate) struct Verifier {
     policy: HostKeyPolicy,
     /// Whose key this is for trust on first use (`host:port`, or a pod id).
     host_id: String,
@@ -239,13 +274,15 @@ pub async fn exec_as(
     }
 }
 
-async fn exec_inner(
+/// TCP connect, host key check by `policy` (trust on first use keyed by `host_id`) and
+/// public-key login: an authenticated session ready for channels.
+pub(crate) async fn connect(
     target: &SshTarget,
     host_id: &str,
     key: &SshKey,
     policy: &HostKeyPolicy,
-    command: &str,
-) -> Result<ExecOutput, JoinError> {
+    config: russh::client::Config,
+) -> Result<russh::client::Handle<Verifier>, JoinError> {
     let addr = target.addr();
     let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handler = Verifier {
@@ -253,25 +290,25 @@ async fn exec_inner(
         host_id: host_id.to_owned(),
         mismatch: mismatch.clone(),
     };
-    let config = Arc::new(russh::client::Config {
-        // A join command is short; an idle session this long is a hung server.
-        inactivity_timeout: Some(Duration::from_secs(60)),
-        ..Default::default()
-    });
-    let mut session =
-        match russh::client::connect(config, (target.host.as_str(), target.port), handler).await {
-            Ok(s) => s,
-            Err(e) => {
-                return Err(if mismatch.load(std::sync::atomic::Ordering::SeqCst) {
-                    JoinError::HostKeyMismatch { addr }
-                } else {
-                    JoinError::Connect {
-                        addr,
-                        detail: e.to_string(),
-                    }
-                })
-            }
-        };
+    let mut session = match russh::client::connect(
+        Arc::new(config),
+        (target.host.as_str(), target.port),
+        handler,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(if mismatch.load(std::sync::atomic::Ordering::SeqCst) {
+                JoinError::HostKeyMismatch { addr }
+            } else {
+                JoinError::Connect {
+                    addr,
+                    detail: e.to_string(),
+                }
+            })
+        }
+    };
     let auth = session
         .authenticate_publickey(
             target.user.clone(),
@@ -284,12 +321,25 @@ async fn exec_inner(
             user: target.user.clone(),
         });
     }
-    let mut channel = session
+    Ok(session)
+}
+
+async fn exec_inner(
+    target: &SshTarget,
+    host_id: &str,
+    key: &SshKey,
+    policy: &HostKeyPolicy,
+    command: &str,
+) -> Result<ExecOutput, JoinError> {
+    let addr = target.addr();
+    let config = russh::client::Config {
+        // A join command is short; an idle session this long is a hung server.
+        inactivity_timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let session = connect(target, host_id, key, policy, config).await?;
+    let channel = session
         .channel_open_session()
-        .await
-        .map_err(|e| JoinError::Session(e.to_string()))?;
-    channel
-        .exec(true, command)
         .await
         .map_err(|e| JoinError::Session(e.to_string()))?;
     let mut out = ExecOutput {
@@ -297,14 +347,11 @@ async fn exec_inner(
         stdout: Vec::new(),
         stderr: Vec::new(),
     };
-    while let Some(msg) = channel.wait().await {
-        match msg {
-            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-            ChannelMsg::ExtendedData { data, .. } => out.stderr.extend_from_slice(&data),
-            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
-            _ => {}
-        }
-    }
+    out.exit_status = run_channel(channel, command, |o| match o {
+        Output::Stdout(d) => out.stdout.extend_from_slice(d),
+        Output::Stderr(d) => out.stderr.extend_from_slice(d),
+    })
+    .await?;
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;

@@ -19,6 +19,11 @@ OWNERS = {
     # reads the running service's HTTP API (`pods list --service`).
     "reqwest": {"provider", "signals", "<bin>"},
     "russh": {"join"},
+    # Pod file transfers over a pooled SSH channel from `join`.
+    "russh_sftp": {"access"},
+    # The MCP server and its tool input schemas.
+    "rmcp": {"mcp"},
+    "schemars": {"mcp"},
     "tonic": {"scaler", "proto"},
     "tonic_health": {"scaler"},
     "prost": {"proto"},
@@ -43,7 +48,7 @@ OWNERS = {
 
 def module_of(path: Path) -> str:
     rel = path.relative_to(SRC)
-    if rel.parts[0] in ("lib.rs", "main.rs", "cli.rs", "checkpoint_cli.rs"):
+    if rel.parts[0] in ("lib.rs", "main.rs", "cli.rs", "checkpoint_cli.rs", "access_cli.rs"):
         return "<root>" if rel.parts[0] == "lib.rs" else "<bin>"
     return rel.parts[0].removesuffix(".rs")
 

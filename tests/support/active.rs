@@ -69,3 +69,32 @@ pub async fn emulator(key: &str) -> RunningEmulator {
     .await
     .unwrap()
 }
+
+/// A one-GPU A5000 pod in the secure cloud whose sshd authorizes `public_key` (`PUBLIC_KEY`).
+pub fn ssh_pod(name: &str, public_key: &str) -> runpod_autoscaler::provider::LaunchSpec {
+    runpod_autoscaler::provider::LaunchSpec {
+        name: name.into(),
+        gpu_type: runpod_autoscaler::model::GpuTypeId("NVIDIA RTX A5000".into()),
+        gpu_count: 1,
+        cloud: runpod_autoscaler::provider::Cloud::Secure,
+        image: "runpod/base:0.6.2".into(),
+        env: [("PUBLIC_KEY".to_owned(), public_key.to_owned())].into(),
+        spot_bid_per_gpu: None,
+        data_center_ids: vec![],
+        disk_gb: 20,
+    }
+}
+
+/// The real RunPod client pointed at `emu`, with API key `key`.
+pub fn client(
+    emu: &RunningEmulator,
+    key: &str,
+) -> runpod_autoscaler::provider::runpod::RunPodClient {
+    use runpod_autoscaler::provider::runpod::{RunPodClient, RunPodSettings};
+    RunPodClient::new(RunPodSettings::new(
+        emu.api_url(),
+        emu.graphql_url(),
+        Secret::new(key),
+    ))
+    .unwrap()
+}
