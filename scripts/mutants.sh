@@ -27,7 +27,7 @@ for arg in "$@"; do
 done
 log "mutating ${scope[*]:-the given files} (lib tests decide:: and simulate:: only)"
 status=0
-PATH="$PWD/$root/bin:$PATH" cargo mutants --no-shuffle "${scope[@]}" "$@" -- --lib -- decide:: simulate:: ||
+PATH="$PWD/$root/bin:$PATH" cargo mutants --no-shuffle "${scope[@]}" "$@" -- -- decide:: simulate:: ||
   status=$?
 
 out="mutants.out"

@@ -155,8 +155,8 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
             .total_cmp(&a.usd_per_hour.dollars())
     });
     remaining.retain(|pod| {
-        let idle = !pod.is_warming(now, policy.warmup_grace)
-            && pod.idle_for(now) >= policy.idle_timeout;
+        let idle =
+            !pod.is_warming(now, policy.warmup_grace) && pod.idle_for(now) >= policy.idle_timeout;
         if spend <= budget || !idle {
             return true;
         }
