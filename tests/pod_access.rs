@@ -35,9 +35,14 @@ struct Fixture {
     pods: Vec<Pod>,
 }
 
-/// The emulator with `n` RUNNING pods authorizing a fresh key, and a config pinning the
-/// emulator's host key.
+/// The emulator with `n` RUNNING on-demand pods authorizing a fresh key, and a config pinning
+/// the emulator's host key.
 async fn fixture(n: usize) -> Fixture {
+    fixture_with(n, 0).await
+}
+
+/// [`fixture`] whose first `spot` pods are spot (interruptible) pods.
+async fn fixture_with(n: usize, spot: usize) -> Fixture {
     assert!(
         Path::new(sshd::DEFAULT_SSHD).exists(),
         "/usr/sbin/sshd missing: run scripts/test.sh (installs openssh-server)"
@@ -60,10 +65,12 @@ async fn fixture(n: usize) -> Fixture {
     let client = support::active::client(&emu, KEY);
     let mut ids = Vec::new();
     for i in 0..n {
-        let pod = client
-            .launch(&support::active::ssh_pod(&format!("access-{i}"), &public))
-            .await
-            .unwrap();
+        let mut spec = support::active::ssh_pod(&format!("access-{i}"), &public);
+        if i < spot {
+            // Any bid at or above the floor rents; this one is well above it.
+            spec.spot_bid_per_gpu = Some(runpod_autoscaler::model::Usd(5.0));
+        }
+        let pod = client.launch(&spec).await.unwrap();
         ids.push(pod.id);
     }
     let mut pods = Vec::new();
@@ -667,7 +674,8 @@ async fn a_full_disk_fails_before_anything_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
-    let f = fixture(2).await;
+    // Pod 0 is a spot pod, pod 1 on-demand.
+    let f = fixture_with(2, 1).await;
     std::fs::write(f.home(0).join(".gpu_utilization"), "37\n").unwrap();
     let mut child = f
         .cli(&["pods", "watch", "--interval", "1s", "--output", "json"])
@@ -690,7 +698,7 @@ async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
             let e = rx
                 .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|_| panic!("no {event} event for {pod} within a minute"));
-            if e["pod"] == pod && e["event"] == event {
+            if e["pod"] == pod && (event.is_empty() || e["event"] == event) {
                 return (e, Instant::now());
             }
         }
@@ -710,13 +718,22 @@ async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
     assert!(seen_at - stopped_at < Duration::from_secs(60));
     assert_eq!(off["state"], "EXITED");
 
-    // Preempted (spot reclaim: the container and its sshd end): offline too.
+    assert!(off["reason"].as_str().unwrap().contains("EXITED"), "{off}");
+
+    // The spot pod preempted (spot reclaim: the container and its sshd end): its own event,
+    // and never reported offline.
     let preempted_at = Instant::now();
     assert!(f.emu.preempt(&p0));
-    let (off, seen_at) = next(&p0, "offline");
+    let (pre, seen_at) = loop {
+        let (e, at) = next(&p0, "");
+        assert_ne!(e["event"], "offline", "{e}");
+        if e["event"] == "preempted" {
+            break (e, at);
+        }
+    };
     assert!(seen_at - preempted_at < Duration::from_secs(60));
-    assert_eq!(off["state"], "EXITED");
-    assert!(off["reason"].as_str().unwrap().contains("EXITED"), "{off}");
+    assert_eq!(pre["state"], "EXITED");
+    assert!(pre["reason"].as_str().unwrap().contains("spot"), "{pre}");
     let _ = child.kill();
     let _ = child.wait();
 }
