@@ -318,6 +318,112 @@ async fn exec_streams_output_and_exits_with_the_remote_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_on_first_use_pins_host_keys_across_invocations() {
+    let f = fixture(1).await;
+    let pod = f.id(0);
+    let host_key = f.emu.host_public_key().unwrap();
+    let host_key = host_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tofu = |extra: &str| {
+        let config = f.dir.path().join("tofu.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[reconcile]\nssh_key_file = {:?}\n{extra}",
+                f.key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        config
+    };
+
+    // No access.known_hosts: the default file under $XDG_STATE_HOME.
+    let state = f.dir.path().join("state");
+    let config = tofu("");
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "echo first"])
+        .env("XDG_STATE_HOME", &state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let default = state.join("runpod-autoscaler/known_hosts");
+    let recorded = std::fs::read_to_string(&default).unwrap();
+    let addr = {
+        let ssh = f.pods[0].ssh.as_ref().unwrap();
+        format!("{}:{}", ssh.host, ssh.port)
+    };
+    assert!(
+        recorded.contains(&format!("{pod} {addr} {host_key}\n")),
+        "{recorded}"
+    );
+
+    // access.known_hosts names the file; the first exec records, the second trusts the record.
+    let file = f.dir.path().join("pins/known_hosts");
+    let config = tofu(&format!(
+        "[access]\nknown_hosts = {:?}\n",
+        file.display().to_string()
+    ));
+    for _ in 0..2 {
+        let out = f
+            .cli_with(&config, &["exec", &pod, "--", "echo ok"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ok\n");
+    }
+    let text_of = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text_of.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one entry: {text_of}");
+    assert_eq!(lines[1], format!("{pod} {addr} {host_key}"));
+
+    // The recorded key replaced by another valid key: the next exec is refused, naming the
+    // file and the line to remove, and printing no secret.
+    let other_pub = sshd::generate_key(&f.dir.path().join("other"), "other").unwrap();
+    let other = other_pub
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&file, text_of.replace(&host_key, &other)).unwrap();
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "echo never"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert!(text(&out.stdout).is_empty());
+    assert!(
+        stderr.contains("not the expected one")
+            && stderr.contains(&format!("{} line 2", file.display())),
+        "{stderr}"
+    );
+    let private = std::fs::read_to_string(&f.key_path).unwrap();
+    let secret_body = private.lines().nth(1).unwrap();
+    assert!(
+        !stderr.contains(KEY) && !stderr.contains(secret_body),
+        "{stderr}"
+    );
+
+    // A corrupt file is a clear error, not a panic.
+    std::fs::write(&file, "garbage\n").unwrap();
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("known hosts file")
+            && stderr.contains("line 1")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_reuses_one_connection_bounds_channels_and_reconnects() {
     let f = fixture(1).await;
     let pool = f.pool(PoolSettings {
