@@ -47,7 +47,16 @@ fn pod_access(opts: &Opts) -> Result<(PodAccess, AccessConfig)> {
         .context("no SSH key: pass --identity FILE or set reconcile.ssh_key_file")?;
     let key = SshKey::load(&key_file).with_context(|| format!("loading {}", key_file.display()))?;
     let policy = if reconcile.ssh_host_keys.is_empty() {
-        HostKeyPolicy::TrustOnFirstUse(KnownHosts::new())
+        // Trust on first use, pinned across invocations by the known-hosts file.
+        let file = settings
+            .known_hosts
+            .clone()
+            .or_else(KnownHosts::default_path)
+            .context(
+                "no known-hosts file for trust on first use: set access.known_hosts \
+             (neither XDG_STATE_HOME nor HOME is set)",
+            )?;
+        HostKeyPolicy::TrustOnFirstUse(KnownHosts::persistent(&file)?)
     } else {
         HostKeyPolicy::Pinned(reconcile.ssh_host_keys.clone())
     };

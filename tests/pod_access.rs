@@ -35,9 +35,14 @@ struct Fixture {
     pods: Vec<Pod>,
 }
 
-/// The emulator with `n` RUNNING pods authorizing a fresh key, and a config pinning the
-/// emulator's host key.
+/// The emulator with `n` RUNNING on-demand pods authorizing a fresh key, and a config pinning
+/// the emulator's host key.
 async fn fixture(n: usize) -> Fixture {
+    fixture_with(n, 0).await
+}
+
+/// [`fixture`] whose first `spot` pods are spot (interruptible) pods.
+async fn fixture_with(n: usize, spot: usize) -> Fixture {
     assert!(
         Path::new(sshd::DEFAULT_SSHD).exists(),
         "/usr/sbin/sshd missing: run scripts/test.sh (installs openssh-server)"
@@ -60,10 +65,12 @@ async fn fixture(n: usize) -> Fixture {
     let client = support::active::client(&emu, KEY);
     let mut ids = Vec::new();
     for i in 0..n {
-        let pod = client
-            .launch(&support::active::ssh_pod(&format!("access-{i}"), &public))
-            .await
-            .unwrap();
+        let mut spec = support::active::ssh_pod(&format!("access-{i}"), &public);
+        if i < spot {
+            // Any bid at or above the floor rents; this one is well above it.
+            spec.spot_bid_per_gpu = Some(runpod_autoscaler::model::Usd(5.0));
+        }
+        let pod = client.launch(&spec).await.unwrap();
         ids.push(pod.id);
     }
     let mut pods = Vec::new();
@@ -307,6 +314,112 @@ async fn exec_streams_output_and_exits_with_the_remote_status() {
     assert!(
         !text(&out.stderr).contains("wrong"),
         "the key is never printed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_on_first_use_pins_host_keys_across_invocations() {
+    let f = fixture(1).await;
+    let pod = f.id(0);
+    let host_key = f.emu.host_public_key().unwrap();
+    let host_key = host_key
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tofu = |extra: &str| {
+        let config = f.dir.path().join("tofu.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[reconcile]\nssh_key_file = {:?}\n{extra}",
+                f.key_path.display().to_string()
+            ),
+        )
+        .unwrap();
+        config
+    };
+
+    // No access.known_hosts: the default file under $XDG_STATE_HOME.
+    let state = f.dir.path().join("state");
+    let config = tofu("");
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "echo first"])
+        .env("XDG_STATE_HOME", &state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let default = state.join("runpod-autoscaler/known_hosts");
+    let recorded = std::fs::read_to_string(&default).unwrap();
+    let addr = {
+        let ssh = f.pods[0].ssh.as_ref().unwrap();
+        format!("{}:{}", ssh.host, ssh.port)
+    };
+    assert!(
+        recorded.contains(&format!("{pod} {addr} {host_key}\n")),
+        "{recorded}"
+    );
+
+    // access.known_hosts names the file; the first exec records, the second trusts the record.
+    let file = f.dir.path().join("pins/known_hosts");
+    let config = tofu(&format!(
+        "[access]\nknown_hosts = {:?}\n",
+        file.display().to_string()
+    ));
+    for _ in 0..2 {
+        let out = f
+            .cli_with(&config, &["exec", &pod, "--", "echo ok"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ok\n");
+    }
+    let text_of = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text_of.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one entry: {text_of}");
+    assert_eq!(lines[1], format!("{pod} {addr} {host_key}"));
+
+    // The recorded key replaced by another valid key: the next exec is refused, naming the
+    // file and the line to remove, and printing no secret.
+    let other_pub = sshd::generate_key(&f.dir.path().join("other"), "other").unwrap();
+    let other = other_pub
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&file, text_of.replace(&host_key, &other)).unwrap();
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "echo never"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert!(text(&out.stdout).is_empty());
+    assert!(
+        stderr.contains("not the expected one")
+            && stderr.contains(&format!("{} line 2", file.display())),
+        "{stderr}"
+    );
+    let private = std::fs::read_to_string(&f.key_path).unwrap();
+    let secret_body = private.lines().nth(1).unwrap();
+    assert!(
+        !stderr.contains(KEY) && !stderr.contains(secret_body),
+        "{stderr}"
+    );
+
+    // A corrupt file is a clear error, not a panic.
+    std::fs::write(&file, "garbage\n").unwrap();
+    let out = f
+        .cli_with(&config, &["exec", &pod, "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("known hosts file")
+            && stderr.contains("line 1")
+            && !stderr.contains("panicked"),
+        "{stderr}"
     );
 }
 
@@ -667,7 +780,8 @@ async fn a_full_disk_fails_before_anything_is_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
-    let f = fixture(2).await;
+    // Pod 0 is a spot pod, pod 1 on-demand.
+    let f = fixture_with(2, 1).await;
     std::fs::write(f.home(0).join(".gpu_utilization"), "37\n").unwrap();
     let mut child = f
         .cli(&["pods", "watch", "--interval", "1s", "--output", "json"])
@@ -690,7 +804,7 @@ async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
             let e = rx
                 .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|_| panic!("no {event} event for {pod} within a minute"));
-            if e["pod"] == pod && e["event"] == event {
+            if e["pod"] == pod && (event.is_empty() || e["event"] == event) {
                 return (e, Instant::now());
             }
         }
@@ -710,13 +824,22 @@ async fn pods_watch_reports_a_stopped_pod_offline_within_the_window() {
     assert!(seen_at - stopped_at < Duration::from_secs(60));
     assert_eq!(off["state"], "EXITED");
 
-    // Preempted (spot reclaim: the container and its sshd end): offline too.
+    assert!(off["reason"].as_str().unwrap().contains("EXITED"), "{off}");
+
+    // The spot pod preempted (spot reclaim: the container and its sshd end): its own event,
+    // and never reported offline.
     let preempted_at = Instant::now();
     assert!(f.emu.preempt(&p0));
-    let (off, seen_at) = next(&p0, "offline");
+    let (pre, seen_at) = loop {
+        let (e, at) = next(&p0, "");
+        assert_ne!(e["event"], "offline", "{e}");
+        if e["event"] == "preempted" {
+            break (e, at);
+        }
+    };
     assert!(seen_at - preempted_at < Duration::from_secs(60));
-    assert_eq!(off["state"], "EXITED");
-    assert!(off["reason"].as_str().unwrap().contains("EXITED"), "{off}");
+    assert_eq!(pre["state"], "EXITED");
+    assert!(pre["reason"].as_str().unwrap().contains("spot"), "{pre}");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -1,11 +1,13 @@
 //! Health watch: every interval, the provider's view of our pods plus an SSH probe of each
 //! RUNNING one (`nvidia-smi` over the pool: liveness and GPU utilization). [`Watch`] turns
-//! those observations into events — `online`, `offline` (with the reason), `gone`, and
+//! those observations into events — `online`, `offline` (with the reason), `preempted` (a spot
+//! pod the provider stopped: it left RUNNING for EXITED; an on-demand pod stopped the same way
+//! is `offline`), `gone`, and
 //! `utilization` when a pod's mean GPU utilization moved by [`UTILIZATION_STEP`] points or
 //! more. Offline is reported at the first poll that sees it: with the default 30 s interval and
 //! a probe bounded by the interval, within a minute. [`Watch`] is pure; [`run`] does the I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ssh_target, AccessError, PodAccess};
 use crate::clock::Clock;
 use crate::join::pod::{parse_gpus, PodShell, HEALTH_QUERY};
-use crate::model::{PodState, Timestamp};
+use crate::model::{PodId, PodState, Timestamp};
 use crate::provider::Pod;
 
 /// Change in mean GPU utilization (percentage points) worth an event.
@@ -29,6 +31,8 @@ pub struct Observation {
     pub pod: String,
     /// Provider state.
     pub state: PodState,
+    /// A spot pod (the provider may stop it at any time).
+    pub interruptible: bool,
     /// The SSH probe: per-GPU utilization, or why it failed; `None` when not probed (the pod
     /// is not RUNNING with an SSH port).
     pub probe: Option<Result<Vec<f64>, String>>,
@@ -41,11 +45,11 @@ pub struct Event {
     pub at: Timestamp,
     /// Pod id.
     pub pod: String,
-    /// `online`, `offline`, `gone` or `utilization`.
+    /// `online`, `offline`, `preempted`, `gone` or `utilization`.
     pub event: &'static str,
     /// Provider state.
     pub state: String,
-    /// Why offline (provider state or SSH failure).
+    /// Why offline or preempted (provider state or SSH failure).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Per-GPU utilization in percent, when probed.
@@ -59,10 +63,10 @@ enum Status {
     Offline,
 }
 
-/// What was last reported per pod.
+/// What was last reported per pod, with the provider state last seen.
 #[derive(Debug, Default)]
 pub struct Watch {
-    last: BTreeMap<String, Status>,
+    last: BTreeMap<String, (Status, PodState)>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -114,13 +118,23 @@ impl Watch {
                     Vec::new(),
                 ),
             };
-            match (self.last.get(&o.pod), &status) {
+            let last = self.last.get(&o.pod);
+            let preempted = o.interruptible
+                && o.state == PodState::Exited
+                && last.is_some_and(|(_, state)| *state == PodState::Running);
+            match (last.map(|(s, _)| s), &status) {
+                _ if preempted => events.push(event(
+                    "preempted",
+                    Some("spot pod stopped by the provider (RUNNING → EXITED)".into()),
+                    util,
+                )),
                 (Some(Status::Online { mean: before }), Status::Online { mean: now }) => {
                     if (now - before).abs() >= UTILIZATION_STEP {
                         events.push(event("utilization", None, util));
                     } else {
                         // Keep the reported level so slow drifts add up to an event.
-                        next.insert(o.pod.clone(), Status::Online { mean: *before });
+                        let kept = Status::Online { mean: *before };
+                        next.insert(o.pod.clone(), (kept, o.state.clone()));
                         continue;
                     }
                 }
@@ -128,7 +142,7 @@ impl Watch {
                 (_, Status::Online { .. }) => events.push(event("online", None, util)),
                 (_, Status::Offline) => events.push(event("offline", reason, util)),
             }
-            next.insert(o.pod.clone(), status);
+            next.insert(o.pod.clone(), (status, o.state.clone()));
         }
         for pod in self.last.keys().filter(|p| !next.contains_key(*p)) {
             events.push(Event {
@@ -146,7 +160,7 @@ impl Watch {
 }
 
 /// Probes one pod: `nvidia-smi` over SSH within `timeout`.
-async fn probe(access: &PodAccess, pod: &Pod, timeout: Duration) -> Observation {
+async fn probe(access: &PodAccess, pod: &Pod, spot: bool, timeout: Duration) -> Observation {
     let probe = match ssh_target(pod) {
         Err(_) => None,
         Ok(target) => {
@@ -163,6 +177,7 @@ async fn probe(access: &PodAccess, pod: &Pod, timeout: Duration) -> Observation 
     Observation {
         pod: pod.id.to_string(),
         state: pod.state.clone(),
+        interruptible: spot,
         probe,
     }
 }
@@ -179,6 +194,10 @@ pub async fn run(
     mut on_error: impl FnMut(AccessError),
 ) -> Result<(), AccessError> {
     let mut watch = Watch::new();
+    // Which pods are spot: a pod's kind is fixed for its life, so the provider is asked again
+    // only when a pod not classified yet is listed.
+    let mut spot = BTreeSet::<PodId>::new();
+    let mut classified = BTreeSet::<PodId>::new();
     // A probe never outlives the poll period (and never takes more than 10 s).
     let probe_timeout = interval.min(Duration::from_secs(10));
     loop {
@@ -186,7 +205,21 @@ pub async fn run(
             Err(AccessError::BadApiKey) => return Err(AccessError::BadApiKey),
             Err(e) => on_error(e),
             Ok(pods) => {
-                let seen = join_all(pods.iter().map(|p| probe(access, p, probe_timeout))).await;
+                if pods.iter().any(|p| !classified.contains(&p.id)) {
+                    match access.provider().interruptible().await {
+                        Ok(ids) => {
+                            classified.extend(pods.iter().map(|p| p.id.clone()));
+                            spot.extend(ids);
+                        }
+                        // Unclassified pods count as on-demand until a later poll can tell.
+                        Err(e) => on_error(AccessError::from_provider(e)),
+                    }
+                }
+                let seen = join_all(
+                    pods.iter()
+                        .map(|p| probe(access, p, spot.contains(&p.id), probe_timeout)),
+                )
+                .await;
                 for e in watch.observe(clock.now(), &seen) {
                     emit(e);
                 }
@@ -207,6 +240,7 @@ mod tests {
         Observation {
             pod: pod.into(),
             state,
+            interruptible: false,
             probe,
         }
     }
@@ -246,5 +280,52 @@ mod tests {
         assert_eq!(kinds(&e), [("a", "online")]);
         let e = w.observe(t, &[obs("a", PodState::Terminated, None)]);
         assert_eq!(kinds(&e), [("a", "gone")]);
+    }
+
+    #[test]
+    fn a_spot_pod_leaving_running_for_exited_is_preempted() {
+        let mut w = Watch::new();
+        let t = Timestamp::from_secs(100);
+        let spot = |state, probe| Observation {
+            interruptible: true,
+            ..obs("s", state, probe)
+        };
+        let up = || Some(Ok(vec![50.0]));
+        let first = w.observe(
+            t,
+            &[
+                spot(PodState::Running, up()),
+                obs("d", PodState::Running, up()),
+            ],
+        );
+        assert_eq!(kinds(&first), [("s", "online"), ("d", "online")]);
+        // Both stop: the spot one was preempted, the on-demand one is offline.
+        let e = w.observe(
+            t,
+            &[
+                spot(PodState::Exited, None),
+                obs("d", PodState::Exited, None),
+            ],
+        );
+        assert_eq!(kinds(&e), [("s", "preempted"), ("d", "offline")]);
+        assert_eq!(e[0].state, "EXITED");
+        let again = [
+            spot(PodState::Exited, None),
+            obs("d", PodState::Exited, None),
+        ];
+        assert!(w.observe(t, &again).is_empty(), "reported once");
+
+        // Already unreachable over SSH while RUNNING, then EXITED: still preempted.
+        let mut w = Watch::new();
+        w.observe(t, &[spot(PodState::Running, Some(Err("refused".into())))]);
+        let e = w.observe(t, &[spot(PodState::Exited, None)]);
+        assert_eq!(kinds(&e), [("s", "preempted")]);
+        // A spot pod first seen EXITED, or stopped before it ever ran: offline, not preempted.
+        let mut w = Watch::new();
+        let e = w.observe(t, &[spot(PodState::Starting, None)]);
+        assert_eq!(kinds(&e), [("s", "offline")]);
+        assert!(w.observe(t, &[spot(PodState::Exited, None)]).is_empty());
+        let e = Watch::new().observe(t, &[spot(PodState::Exited, None)]);
+        assert_eq!(kinds(&e), [("s", "offline")]);
     }
 }

@@ -1,6 +1,6 @@
 //! `[access]`: pod access for people and agents (`exec`, `cp`, `pods watch`, `mcp`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Format, Toml};
@@ -29,6 +29,10 @@ pub struct AccessConfig {
     /// Offer destructive MCP tools (`terminate_pod`). Off: agents can look and act on files
     /// and commands, not end pods.
     pub allow_terminate: bool,
+    /// Where host keys trusted on first use are recorded (used when `reconcile.ssh_host_keys`
+    /// is empty); default `$XDG_STATE_HOME/runpod-autoscaler/known_hosts`, else
+    /// `~/.local/state/runpod-autoscaler/known_hosts`.
+    pub known_hosts: Option<PathBuf>,
 }
 
 impl Default for AccessConfig {
@@ -41,6 +45,7 @@ impl Default for AccessConfig {
             chunk_size: 8 << 20,
             watch_interval: Duration::from_secs(30),
             allow_terminate: false,
+            known_hosts: None,
         }
     }
 }
@@ -93,6 +98,10 @@ mod tests {
         assert!(c.allow_terminate);
         assert_eq!(c.watch_interval, Duration::from_secs(2));
         assert_eq!(c.chunk_size, 8 << 20);
+        assert_eq!(c.known_hosts, None);
+        std::fs::write(&p, "[access]\nknown_hosts = \"/x/known_hosts\"\n").unwrap();
+        let c = AccessConfig::load_section(Some(&p)).unwrap();
+        assert_eq!(c.known_hosts, Some(PathBuf::from("/x/known_hosts")));
         std::fs::write(&p, "[access]\nchunk_size = 0\n").unwrap();
         assert!(AccessConfig::load_section(Some(&p)).is_err());
         std::fs::write(&p, "[access]\nbogus = 1\n").unwrap();

@@ -4,15 +4,18 @@
 //! reported. The reconciler's bootstrap/join/health steps build on [`exec`].
 //!
 //! Host key policy: RunPod does not publish pod host keys, so production uses
-//! **trust on first use** per `host:port` ([`HostKeyPolicy::TrustOnFirstUse`]; a later change is
-//! refused as a possible man in the middle). When the key is known ahead (the emulator reports
+//! **trust on first use** per pod ([`HostKeyPolicy::TrustOnFirstUse`]; a later change is
+//! refused as a possible man in the middle), in memory or persisted to a known-hosts file
+//! ([`KnownHosts::persistent`]). When the key is known ahead (the emulator reports
 //! its host key at `/admin/host-key`), [`HostKeyPolicy::Pinned`] accepts only that key.
 //! Private keys are held in [`SshKey`], whose Debug output is redacted.
 
+mod known_hosts;
 pub mod pod;
 pub mod pool;
 
-use std::collections::HashMap;
+pub use known_hosts::KnownHosts;
+
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,11 +46,16 @@ pub enum JoinError {
         after: Duration,
     },
     /// The server presented a host key the policy refuses.
-    #[error("host key of {addr} is not the expected one (possible man in the middle)")]
+    #[error("host key of {addr} is not the expected one (possible man in the middle){hint}")]
     HostKeyMismatch {
         /// `host:port`.
         addr: String,
+        /// Where the expected key is recorded and how to clear it (empty when not in a file).
+        hint: String,
     },
+    /// The known-hosts file could not be read, parsed or written.
+    #[error("known hosts file {0}")]
+    KnownHosts(String),
     /// The server refused our key.
     #[error("public key authentication as {user} was rejected")]
     AuthRejected {
@@ -93,34 +101,6 @@ impl SshKey {
 impl fmt::Debug for SshKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SshKey([redacted])")
-    }
-}
-
-/// Remembered host keys for trust on first use, keyed by `host:port`. Clones share the store.
-#[derive(Debug, Clone, Default)]
-pub struct KnownHosts(Arc<Mutex<HashMap<String, String>>>);
-
-impl KnownHosts {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The remembered key of `addr`, when any.
-    pub fn get(&self, addr: &str) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
-            .cloned()
-    }
-
-    /// Forgets `addr` (e.g. the pod was terminated and the port may be reused).
-    pub fn forget(&self, addr: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(addr);
     }
 }
 
@@ -207,7 +187,17 @@ pub(crate) struct Verifier {
     policy: HostKeyPolicy,
     /// Whose key this is for trust on first use (`host:port`, or a pod id).
     host_id: String,
-    mismatch: Arc<std::sync::atomic::AtomicBool>,
+    /// `host:port`.
+    addr: String,
+    /// Why the key was refused, for the caller (russh only reports a generic failure).
+    refused: Arc<Mutex<Option<JoinError>>>,
+}
+
+impl Verifier {
+    fn refuse(&self, why: JoinError) -> bool {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        false
+    }
 }
 
 impl russh::client::Handler for Verifier {
@@ -217,26 +207,24 @@ impl russh::client::Handler for Verifier {
         &mut self,
         server_public_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        let mismatch = || JoinError::HostKeyMismatch {
+            addr: self.addr.clone(),
+            hint: String::new(),
+        };
         let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
-            self.mismatch
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            return Ok(false);
+            return Ok(self.refuse(mismatch()));
         };
         let seen = key.to_openssh().map(|s| key_id(&s)).unwrap_or_default();
-        let ok = match &self.policy {
-            HostKeyPolicy::Pinned(keys) => keys.iter().any(|k| key_id(k) == seen),
+        Ok(match &self.policy {
+            HostKeyPolicy::Pinned(keys) if keys.iter().any(|k| key_id(k) == seen) => true,
+            HostKeyPolicy::Pinned(_) => self.refuse(mismatch()),
             HostKeyPolicy::TrustOnFirstUse(known) => {
-                let mut map = known.0.lock().unwrap_or_else(|p| p.into_inner());
-                map.entry(self.host_id.clone())
-                    .or_insert_with(|| seen.clone())
-                    == &seen
+                match known.check(&self.host_id, &self.addr, &seen) {
+                    Ok(()) => true,
+                    Err(why) => self.refuse(why),
+                }
             }
-        };
-        if !ok {
-            self.mismatch
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(ok)
+        })
     }
 }
 
@@ -284,11 +272,12 @@ pub(crate) async fn connect(
     config: russh::client::Config,
 ) -> Result<russh::client::Handle<Verifier>, JoinError> {
     let addr = target.addr();
-    let mismatch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = Arc::new(Mutex::new(None));
     let handler = Verifier {
         policy: policy.clone(),
         host_id: host_id.to_owned(),
-        mismatch: mismatch.clone(),
+        addr: addr.clone(),
+        refused: refused.clone(),
     };
     let mut session = match russh::client::connect(
         Arc::new(config),
@@ -299,14 +288,11 @@ pub(crate) async fn connect(
     {
         Ok(s) => s,
         Err(e) => {
-            return Err(if mismatch.load(std::sync::atomic::Ordering::SeqCst) {
-                JoinError::HostKeyMismatch { addr }
-            } else {
-                JoinError::Connect {
-                    addr,
-                    detail: e.to_string(),
-                }
-            })
+            let why = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return Err(why.unwrap_or(JoinError::Connect {
+                addr,
+                detail: e.to_string(),
+            }));
         }
     };
     let auth = session

@@ -9,7 +9,7 @@
 /// The RunPod implementation.
 pub mod runpod;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -303,6 +303,13 @@ pub trait CloudProvider: Send + Sync {
 
     /// GPU types with on-demand and spot prices and current stock.
     async fn offerings(&self) -> Result<Vec<Offering>, ProviderError>;
+
+    /// Ids of the account's interruptible (spot) pods: the ones the provider may stop at any
+    /// time to reclaim capacity. A pod's kind is fixed for its life, so callers may remember
+    /// it. A provider that cannot tell answers an empty set (every pod taken as on-demand).
+    async fn interruptible(&self) -> Result<BTreeSet<PodId>, ProviderError> {
+        Ok(BTreeSet::new())
+    }
 }
 
 #[cfg(test)]

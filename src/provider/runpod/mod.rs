@@ -13,7 +13,7 @@ mod wire;
 
 pub use retry::{parse_wait, RetryPolicy, SharedSleeper, Sleeper, TokioSleeper};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,6 +162,8 @@ struct Answer {
 }
 
 const GQL_GPU_TYPES: &str = "query GpuTypes($input: GpuLowestPriceInput) { gpuTypes { id displayName memoryInGb securePrice communityPrice secureSpotPrice communitySpotPrice lowestPrice(input: $input) { minimumBidPrice uninterruptablePrice stockStatus } } }";
+/// REST v2 pods do not say whether they are spot; GraphQL's `podType` does.
+const GQL_POD_TYPES: &str = "query PodTypes { myself { pods { id podType } } }";
 const GQL_RENT_SPOT: &str = "mutation RentSpot($input: PodRentInterruptableInput!) { podRentInterruptable(input: $input) { id } }";
 
 impl RunPodClient {
@@ -908,6 +910,23 @@ impl CloudProvider for RunPodClient {
     async fn offerings(&self) -> Result<Vec<Offering>, ProviderError> {
         self.call("offerings", |b| async move { self.offerings_in(&b).await })
             .await
+    }
+
+    async fn interruptible(&self) -> Result<BTreeSet<PodId>, ProviderError> {
+        self.call("interruptible", |b| async move {
+            let pods: GqlMyPods = self
+                .graphql(
+                    &b,
+                    "podTypes",
+                    GQL_POD_TYPES,
+                    serde_json::json!({}),
+                    "",
+                    true,
+                )
+                .await?;
+            Ok(pods.interruptible())
+        })
+        .await
     }
 }
 

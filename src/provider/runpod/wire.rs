@@ -296,9 +296,61 @@ pub(super) struct GqlPodId {
     pub(super) id: String,
 }
 
+/// `myself { pods { id podType } }`.
+#[derive(Debug, Deserialize)]
+pub(super) struct GqlMyPods {
+    #[serde(default)]
+    pub(super) myself: Option<GqlMyself>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct GqlMyself {
+    #[serde(default)]
+    pub(super) pods: Option<Vec<GqlPodKind>>,
+}
+
+/// A pod's id and `podType` (`INTERRUPTABLE` for spot, `RESERVED` for on-demand).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct GqlPodKind {
+    pub(super) id: String,
+    #[serde(default)]
+    pub(super) pod_type: Option<String>,
+}
+
+impl GqlMyPods {
+    /// Ids of the interruptible pods (RunPod spells the type `INTERRUPTABLE`; any casing, and
+    /// the correct spelling, are accepted).
+    pub(super) fn interruptible(self) -> std::collections::BTreeSet<PodId> {
+        self.myself
+            .and_then(|m| m.pods)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| {
+                p.pod_type.as_deref().is_some_and(|t| {
+                    t.eq_ignore_ascii_case("INTERRUPTABLE")
+                        || t.eq_ignore_ascii_case("INTERRUPTIBLE")
+                })
+            })
+            .map(|p| PodId(p.id))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_types_name_the_spot_pods() {
+        let json = r#"{"myself":{"pods":[{"id":"s","podType":"INTERRUPTABLE"},
+            {"id":"d","podType":"RESERVED"},{"id":"n","podType":null},{"id":"x"}]}}"#;
+        let pods: GqlMyPods = serde_json::from_str(json).unwrap();
+        let spot: Vec<String> = pods.interruptible().into_iter().map(|p| p.0).collect();
+        assert_eq!(spot, ["s"]);
+        let none: GqlMyPods = serde_json::from_str(r#"{"myself":null}"#).unwrap();
+        assert!(none.interruptible().is_empty());
+    }
 
     #[test]
     fn pods_deserialize_leniently() {
