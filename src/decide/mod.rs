@@ -171,29 +171,25 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
         false
     });
 
-    let mut launched = 0u32;
-    if want.runpod_gpus > remaining_gpus {
-        launched = launch(
-            view,
-            policy,
-            want.runpod_gpus - remaining_gpus,
-            &want.reason,
+    // Each pass is a no-op unless it applies: launch adds nothing when the want is covered,
+    // scale_down removes nothing unless what remains still covers the want.
+    let launched = launch(
+        view,
+        policy,
+        want.runpod_gpus.saturating_sub(remaining_gpus),
+        &want.reason,
+        &mut plan,
+    );
+    if let (true, Some(rules)) = (stale.is_empty(), want.scale_down) {
+        scale_down(
+            &mut remaining,
+            &mut remaining_gpus,
+            want.runpod_gpus,
+            policy.min_pods,
+            rules,
+            now,
             &mut plan,
         );
-    } else if want.runpod_gpus < remaining_gpus {
-        match want.scale_down {
-            _ if !stale.is_empty() => {}
-            None => {}
-            Some(rules) => scale_down(
-                &mut remaining,
-                &mut remaining_gpus,
-                want.runpod_gpus,
-                policy.min_pods,
-                rules,
-                now,
-                &mut plan,
-            ),
-        }
     }
     plan.holds.extend(stale);
     let mut seen = Vec::with_capacity(plan.holds.len());
