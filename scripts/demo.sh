@@ -156,10 +156,29 @@ log "pods list shows only the pods this autoscaler owns"
 log "a rejected key fails fast with a clear message"
 RUNPOD_API_KEY=not-the-key "$BIN" gpus || true
 
+log "POD ACCESS: pooled exec, chunk-verified transfers and spend (agents get the same as MCP tools: runpod-autoscaler mcp)"
+ssh-keygen -q -t ed25519 -N '' -C rpa-demo -f "$WORK/id_ed25519"
+export XDG_STATE_HOME="$WORK/xdg-state"   # where trust-on-first-use pins the pods' host keys
+POD=$(curl -fsS -X POST "$RUNPOD_API_URL/v2/pods" -H "Authorization: Bearer demo-key" \
+  -H 'Content-Type: application/json' \
+  -d "{\"name\":\"rpa-access-0\",\"image\":\"gpu-worker:1\",\"gpu\":{\"id\":\"NVIDIA RTX A5000\",\"count\":1},\"ports\":[\"22/tcp\"],\"env\":{\"RPA_OWNER\":\"runpod-autoscaler\",\"PUBLIC_KEY\":\"$(cat "$WORK/id_ed25519.pub")\"}}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 60); do
+  "$BIN" exec -i "$WORK/id_ed25519" "$POD" -- true 2>/dev/null && break
+  sleep 0.5
+done
+"$BIN" exec -i "$WORK/id_ed25519" "$POD" -- nvidia-smi --query-gpu=name,utilization.gpu --format=csv
+head -c 24000000 /dev/urandom >"$WORK/blob"
+"$BIN" cp -i "$WORK/id_ed25519" "$WORK/blob" "$POD:/workspace/blob" --output json
+"$BIN" cp -i "$WORK/id_ed25519" "$POD:/workspace/blob" "$WORK/blob.back" --output json
+cmp "$WORK/blob" "$WORK/blob.back" && echo "  24 MB up and back down: identical"
+"$BIN" exec -i "$WORK/id_ed25519" "$POD" -- sh -c 'exit 3' || echo "  exec exits with the remote status: $?"
+"$BIN" cost
+"$BIN" pods terminate --all-owned --yes
+
 log "ACTIVE MODE: the autoscaler buys, bootstraps, health-checks, drains and terminates pods"
 # A backlog on its own topic: 200 jobs on 4 partitions, nothing done yet by group burst-workers.
 ./target/debug/examples/demo_seed "127.0.0.1:$KAFKA_PORT" burst-jobs 4 200 burst-workers 0
-ssh-keygen -q -t ed25519 -N '' -C rpa-demo -f "$WORK/id_ed25519"
 start_serve active examples/emulator.toml \
   RUNPOD_AUTOSCALER__SIGNALS__QUEUE__BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT" \
   RUNPOD_AUTOSCALER__SIGNALS__QUEUE__TOPICS='["burst-jobs"]' \
