@@ -292,23 +292,22 @@ fn launch(
         .min(by_pods)
         .min(by_budget)
         .min(policy.max_launches_per_tick);
-    if n < wanted {
-        if by_pods < wanted {
-            plan.holds.push(Hold::MaxPods {
-                max_pods: policy.max_pods,
-            });
-        }
-        if by_budget < wanted {
-            plan.holds.push(Hold::Budget {
-                max_usd_per_hour: policy.max_usd_per_hour,
-                current: spend,
-            });
-        }
-        if policy.max_launches_per_tick < wanted.min(by_pods).min(by_budget) {
-            plan.holds.push(Hold::LaunchRate {
-                max_launches_per_tick: policy.max_launches_per_tick,
-            });
-        }
+    // Each limit that cuts the launch short says so (none does when all of it fits).
+    if by_pods < wanted {
+        plan.holds.push(Hold::MaxPods {
+            max_pods: policy.max_pods,
+        });
+    }
+    if by_budget < wanted {
+        plan.holds.push(Hold::Budget {
+            max_usd_per_hour: policy.max_usd_per_hour,
+            current: spend,
+        });
+    }
+    if policy.max_launches_per_tick < wanted.min(by_pods).min(by_budget) {
+        plan.holds.push(Hold::LaunchRate {
+            max_launches_per_tick: policy.max_launches_per_tick,
+        });
     }
     for _ in 0..n {
         plan.steps.push(Step::Launch {

@@ -1116,3 +1116,27 @@ fn spend_exactly_at_the_budget_is_within_it() {
     );
     assert_eq!(plan.terminations(), 0, "{plan}");
 }
+
+#[test]
+fn max_pods_holds_only_when_it_cuts_the_launch() {
+    let has = |plan: &Plan| plan.holds.iter().any(|h| h.kind() == "max_pods");
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = 3;
+    // Lag 500 → 5 GPUs, 2 from the baseline: 3 pods wanted, exactly max_pods.
+    let plan = decide(&view(2, vec![]), &signals(500.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(!has(&plan), "{plan}");
+    // One more wanted: max_pods cuts it.
+    let plan = decide(&view(2, vec![]), &signals(600.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(has(&plan), "{plan}");
+}
+
+#[test]
+fn a_budget_that_is_an_exact_multiple_of_the_price_pays_for_every_pod() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_usd_per_hour = Usd(2.0); // 4 pods at $0.50/h, to the cent
+    let plan = decide(&view(2, vec![]), &signals(5000.0, None, FRESH), &p, NOW);
+    assert_eq!(plan.served_gpus, 2 + 4, "{plan}");
+    assert_eq!(plan.launches(), 4, "{plan}");
+}
