@@ -169,8 +169,8 @@ for _ in $(seq 60); do
 done
 "$BIN" exec -i "$WORK/id_ed25519" "$POD" -- nvidia-smi --query-gpu=name,utilization.gpu --format=csv
 head -c 24000000 /dev/urandom >"$WORK/blob"
-"$BIN" cp -i "$WORK/id_ed25519" "$WORK/blob" "$POD:/workspace/blob" --output json
-"$BIN" cp -i "$WORK/id_ed25519" "$POD:/workspace/blob" "$WORK/blob.back" --output json
+"$BIN" cp -i "$WORK/id_ed25519" "$WORK/blob" "$POD:blob" --output json
+"$BIN" cp -i "$WORK/id_ed25519" "$POD:blob" "$WORK/blob.back" --output json
 cmp "$WORK/blob" "$WORK/blob.back" && echo "  24 MB up and back down: identical"
 "$BIN" exec -i "$WORK/id_ed25519" "$POD" -- sh -c 'exit 3' || echo "  exec exits with the remote status: $?"
 "$BIN" cost
