@@ -172,7 +172,7 @@ head -c 24000000 /dev/urandom >"$WORK/blob"
 "$BIN" cp -i "$WORK/id_ed25519" "$WORK/blob" "$POD:blob" --output json
 "$BIN" cp -i "$WORK/id_ed25519" "$POD:blob" "$WORK/blob.back" --output json
 cmp "$WORK/blob" "$WORK/blob.back" && echo "  24 MB up and back down: identical"
-"$BIN" exec -i "$WORK/id_ed25519" "$POD" -- sh -c 'exit 3' || echo "  exec exits with the remote status: $?"
+status=0; "$BIN" exec -i "$WORK/id_ed25519" "$POD" -- 'echo on the pod; exit 3' || status=$?; echo "  exec exited with the remote status: $status"
 "$BIN" cost
 "$BIN" pods terminate --all-owned --yes
 
