@@ -1140,3 +1140,53 @@ fn a_budget_that_is_an_exact_multiple_of_the_price_pays_for_every_pod() {
     assert_eq!(plan.served_gpus, 2 + 4, "{plan}");
     assert_eq!(plan.launches(), 4, "{plan}");
 }
+
+#[test]
+fn scale_down_stops_at_min_pods_and_names_the_target_left() {
+    let mut p = policy(PolicyKind::Target);
+    p.min_pods = 2;
+    // Five idle pods and no demand: three go, each naming the pods left after it.
+    let plan = decide(
+        &view(0, idle_pods(5, Duration::from_secs(600))),
+        &signals(0.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    let left: Vec<u32> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Terminate {
+                reason: Reason::Surplus { target_pods, .. },
+                ..
+            } => Some(*target_pods),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(left, [4, 3, 2], "{plan}");
+    // Nothing is waiting to be idle: no hold says so.
+    assert!(plan.holds.is_empty(), "{plan}");
+}
+
+#[test]
+fn a_pod_idle_for_exactly_the_timeout_goes() {
+    let p = policy(PolicyKind::Target); // idle_timeout 120 s
+    let plan = decide(
+        &view(2, idle_pods(1, Duration::from_secs(120))),
+        &signals(0.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.terminations(), 1, "{plan}");
+    let plan = decide(
+        &view(2, idle_pods(1, Duration::from_secs(119))),
+        &signals(0.0, None, FRESH),
+        &p,
+        NOW,
+    );
+    assert_eq!(plan.terminations(), 0, "{plan}");
+    assert!(
+        plan.holds.contains(&Hold::WaitingForIdle { pods: 1 }),
+        "{plan}"
+    );
+}
