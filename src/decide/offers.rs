@@ -340,6 +340,90 @@ mod tests {
         assert!((c[1].usd_per_hour.dollars() - 3.44).abs() < 1e-9);
     }
 
+    #[test]
+    fn marks_hold_until_their_end_exactly_and_expire_then() {
+        let key = MarketKey {
+            gpu_type: GpuTypeId::from("NVIDIA RTX A5000"),
+            cloud: Cloud::Secure,
+            spot: true,
+        };
+        let end = NOW.plus(Duration::from_secs(60));
+        let before = NOW.plus(Duration::from_secs(59));
+        let mut gone = Unavailable::new();
+        gone.mark(key.clone(), NOW, Duration::from_secs(60));
+        assert_eq!(gone.marked(NOW).collect::<Vec<_>>(), [&key]);
+        assert_eq!(gone.marked(before).count(), 1);
+        assert_eq!(gone.marked(end).count(), 0);
+        // Expiring before the end keeps the mark; at the end it is dropped for good (even
+        // when asked about an earlier time afterwards).
+        gone.expire(before);
+        assert_eq!(gone.marked(NOW).count(), 1);
+        gone.expire(end);
+        assert_eq!(gone.marked(NOW).count(), 0);
+    }
+
+    #[test]
+    fn offers_that_cannot_be_priced_or_serve_nothing_are_left_out() {
+        let good = offer("NVIDIA RTX A5000", Cloud::Secure, None, 1.0);
+        assert_eq!(
+            candidates(
+                std::slice::from_ref(&good),
+                &market(),
+                &Unavailable::new(),
+                NOW
+            )
+            .len(),
+            1
+        );
+        let mut no_gpus = good.clone();
+        no_gpus.gpus_per_pod = 0;
+        for bad in [
+            no_gpus,
+            offer("NVIDIA RTX A5000", Cloud::Secure, None, 0.0),
+            offer("NVIDIA RTX A5000", Cloud::Secure, None, -1.0),
+            offer("NVIDIA RTX A5000", Cloud::Secure, None, f64::NAN),
+            offer("NVIDIA RTX A5000", Cloud::Secure, None, f64::INFINITY),
+        ] {
+            assert!(
+                candidates(
+                    std::slice::from_ref(&bad),
+                    &market(),
+                    &Unavailable::new(),
+                    NOW
+                )
+                .is_empty(),
+                "{bad:?}"
+            );
+        }
+        for price in [0.0, -0.26, f64::NAN, f64::INFINITY] {
+            let mut quotes = market();
+            quotes[0].secure = Some(Usd(price));
+            assert!(
+                candidates(
+                    std::slice::from_ref(&good),
+                    &quotes,
+                    &Unavailable::new(),
+                    NOW
+                )
+                .is_empty(),
+                "on-demand at {price}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_spot_price_exactly_at_the_maximum_bid_is_bid() {
+        let offers = vec![offer("NVIDIA RTX A5000", Cloud::Secure, Some(0.14), 1.0)];
+        let c = candidates(&offers, &market(), &Unavailable::new(), NOW);
+        assert_eq!(
+            names(&c),
+            [
+                "NVIDIA RTX A5000 SECURE spot",
+                "NVIDIA RTX A5000 SECURE on-demand"
+            ]
+        );
+    }
+
     fn arb_offer() -> impl Strategy<Value = OfferSpec> {
         (
             0usize..3,

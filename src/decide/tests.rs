@@ -1190,3 +1190,13 @@ fn a_pod_idle_for_exactly_the_timeout_goes() {
         "{plan}"
     );
 }
+
+#[test]
+fn a_plan_with_steps_is_not_a_noop() {
+    let p = policy(PolicyKind::Target);
+    let plan = decide(&view(0, vec![]), &signals(500.0, None, FRESH), &p, NOW);
+    assert!(!plan.is_noop(), "{plan}");
+    assert_eq!((plan.launches(), plan.terminations()), (5, 0), "{plan}");
+    let quiet = decide(&view(2, vec![]), &signals(0.0, None, FRESH), &p, NOW);
+    assert!(quiet.is_noop(), "{quiet}");
+}
