@@ -544,6 +544,14 @@ fn plan_renders_steps_and_holds() {
          \x20 3 x launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 700 needs 7 GPU workers\n\
          \x20 hold: max_pods 3 reached\n"
     );
+    // A single step renders without a count.
+    let plan = decide(&view(2, vec![]), &signals(300.0, None, FRESH), &p, NOW);
+    assert!(
+        plan.to_string().ends_with(
+            "\n  launch 1x NVIDIA RTX A5000 at $0.50/h: queue lag 300 needs 3 GPU workers\n"
+        ),
+        "{plan}"
+    );
 }
 
 /// Applies a plan to a view the way a perfect reconciler would.
