@@ -1208,3 +1208,43 @@ fn a_plan_with_steps_is_not_a_noop() {
     let quiet = decide(&view(2, vec![]), &signals(0.0, None, FRESH), &p, NOW);
     assert!(quiet.is_noop(), "{quiet}");
 }
+
+#[test]
+fn seed_rule_boundaries_reasons_and_its_max_pods_hold() {
+    let mut p = policy(PolicyKind::Seed);
+    p.max_pods = 3;
+    p.max_usd_per_hour = Usd(100.0);
+    let plan_for =
+        |lag: f64, p95: Option<f64>| decide(&view(0, vec![]), &signals(lag, p95, FRESH), &p, NOW);
+    let first_reason = |plan: &Plan| match plan.steps.first() {
+        Some(Step::Launch { reason, .. }) => reason.clone(),
+        other => panic!("expected a launch, got {other:?}\n{plan}"),
+    };
+    // p95 exactly at the SLO is within it: no trigger.
+    assert_eq!(plan_for(0.0, Some(2.0)).launches(), 0);
+    // Above it with a short queue: latency is the reason (depth 5 does not trigger by itself).
+    let plan = plan_for(5.0, Some(2.5));
+    assert_eq!(plan.launches(), 1, "{plan}");
+    assert!(
+        matches!(first_reason(&plan), Reason::LatencyAboveSlo { .. }),
+        "{plan}"
+    );
+    // Depth above 5: the queue is the reason; 25 jobs → 25/10 + 1 = 3 pods, exactly max_pods.
+    let plan = plan_for(25.0, Some(2.5));
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(
+        matches!(first_reason(&plan), Reason::QueueLag { needed_gpus: 3, .. }),
+        "{plan}"
+    );
+    assert!(plan.holds.is_empty(), "{plan}");
+    // One pod more than max_pods: the hold says so.
+    let plan = plan_for(30.0, None);
+    assert_eq!(plan.launches(), 3, "{plan}");
+    assert!(
+        plan.holds.contains(&Hold::MaxPods { max_pods: 3 }),
+        "{plan}"
+    );
+    // An absurd depth neither overflows nor exceeds the limit.
+    let plan = plan_for(1e12, None);
+    assert_eq!(plan.launches(), 3, "{plan}");
+}
