@@ -155,6 +155,8 @@ mod tests {
         assert!(!series.push(s(1.0, 9)));
         assert!(series.push(s(0.0, 20)));
         assert_eq!(series.len(), 2);
+        assert!(!series.is_empty());
+        assert!(Series::new(Duration::from_secs(5), Duration::from_secs(60)).is_empty());
         assert_eq!(series.last_nonzero_at(), Some(Timestamp::from_secs(10)));
     }
 

@@ -1248,3 +1248,14 @@ fn seed_rule_boundaries_reasons_and_its_max_pods_hold() {
     let plan = plan_for(1e12, None);
     assert_eq!(plan.launches(), 3, "{plan}");
 }
+
+#[test]
+fn a_p95_exactly_at_the_slo_is_within_it() {
+    for kind in [PolicyKind::Target, PolicyKind::Cost] {
+        let p = policy(kind); // SLO 2 s
+        let at = decide(&view(2, vec![]), &signals(0.0, Some(2.0), FRESH), &p, NOW);
+        assert_eq!(at.launches(), 0, "{at}");
+        let above = decide(&view(2, vec![]), &signals(0.0, Some(2.01), FRESH), &p, NOW);
+        assert_eq!(above.launches(), 1, "{above}");
+    }
+}
