@@ -156,11 +156,10 @@ pub(super) fn tracked(
             p95_seconds: p,
             slo_seconds: policy.slo_p95_seconds,
         },
-        _ if acting.saturating_sub(view.baseline_gpus) == 0 && policy.min_pods > 0 => {
-            Reason::BelowMinimum {
-                min_pods: policy.min_pods,
-            }
-        }
+        // With min_pods 0 nothing launches for this reason, so it needs no guard of its own.
+        _ if acting.saturating_sub(view.baseline_gpus) == 0 => Reason::BelowMinimum {
+            min_pods: policy.min_pods,
+        },
         _ => Reason::QueueLag {
             lag,
             needed_gpus: by_lag,

@@ -1259,3 +1259,64 @@ fn a_p95_exactly_at_the_slo_is_within_it() {
         assert_eq!(above.launches(), 1, "{above}");
     }
 }
+
+/// Signals with lag samples `(age_s, value)` and p95 samples `(age_s, value)`, oldest first.
+fn history(lags: &[(u64, f64)], p95s: &[(u64, f64)]) -> Signals {
+    let series = |points: &[(u64, f64)]| {
+        let mut s = Series::new(POLL, Duration::from_secs(600));
+        for (age, v) in points {
+            s.push(Sample::at(*v, NOW.minus(Duration::from_secs(*age))));
+        }
+        s
+    };
+    Signals {
+        queue: series(lags),
+        latency: (!p95s.is_empty()).then(|| series(p95s)),
+    }
+}
+
+#[test]
+fn stabilization_holds_only_what_it_must_and_a_p95_at_the_slo_is_no_breach() {
+    let p = policy(PolicyKind::Target); // SLO 2 s, window 300 s, 100 lag per GPU
+    let stabilizing = |plan: &Plan| plan.holds.iter().any(|h| h.kind() == "stabilizing");
+    // Three idle pods and a lag asking for all three now: no surplus, so a higher peak in the
+    // window (500) holds nothing back and says nothing.
+    let s = history(&[(200, 500.0), (1, 300.0)], &[]);
+    let plan = decide(&view(0, old_running(3)), &s, &p, NOW);
+    assert_eq!(plan.terminations(), 0, "{plan}");
+    assert!(!stabilizing(&plan), "{plan}");
+    // The peak asks for exactly what the current lag asks for: no hold.
+    let s = history(&[(200, 200.0), (1, 200.0)], &[]);
+    let plan = decide(&view(0, old_running(3)), &s, &p, NOW);
+    assert_eq!(plan.terminations(), 1, "{plan}");
+    assert!(!stabilizing(&plan), "{plan}");
+    // A p95 exactly at the SLO in the window is no breach: the idle pods go.
+    let s = history(&[(1, 0.0)], &[(200, 2.0), (1, 1.0)]);
+    let plan = decide(&view(0, old_running(3)), &s, &p, NOW);
+    assert_eq!(plan.terminations(), 3, "{plan}");
+    // Above it, the window keeps them.
+    let s = history(&[(1, 0.0)], &[(200, 2.5), (1, 1.0)]);
+    let plan = decide(&view(0, old_running(3)), &s, &p, NOW);
+    assert_eq!(plan.terminations(), 0, "{plan}");
+    assert!(stabilizing(&plan), "{plan}");
+}
+
+#[test]
+fn min_pods_is_the_reason_even_with_a_stale_slow_p95() {
+    let mut p = policy(PolicyKind::Target);
+    p.min_pods = 2;
+    // p95 above the SLO but stale, no lag, nothing running: the stale p95 adds nothing, so
+    // the launches are for min_pods.
+    let plan = decide(&view(0, vec![]), &signals(0.0, Some(9.0), STALE), &p, NOW);
+    assert_eq!(plan.launches(), 2, "{plan}");
+    assert!(
+        matches!(
+            plan.steps.first(),
+            Some(Step::Launch {
+                reason: Reason::BelowMinimum { min_pods: 2 },
+                ..
+            })
+        ),
+        "{plan}"
+    );
+}
