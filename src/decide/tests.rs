@@ -1320,3 +1320,16 @@ fn min_pods_is_the_reason_even_with_a_stale_slow_p95() {
         "{plan}"
     );
 }
+
+#[test]
+fn a_pod_warms_while_not_ready_or_inside_the_grace_and_not_from_its_end() {
+    let grace = Duration::from_secs(180);
+    let young = pod("a", PodState::Running, Duration::from_secs(60));
+    assert!(young.is_warming(NOW, grace));
+    let booting_long = pod("b", PodState::Provisioning, Duration::from_secs(3600));
+    assert!(booting_long.is_warming(NOW, grace));
+    let at_end = pod("c", PodState::Running, grace);
+    assert!(!at_end.is_warming(NOW, grace));
+    let old = pod("d", PodState::Running, Duration::from_secs(3600));
+    assert!(!old.is_warming(NOW, grace));
+}
