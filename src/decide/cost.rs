@@ -4,7 +4,8 @@
 //!   boots (`warmup_grace` is the planner's estimate of that), so scale-up is sized for the lag
 //!   projected that far ahead along its current rise, not for the lag as it is now: fewer
 //!   rounds of launches chasing a growing queue, and earlier relief. While a pod is still
-//!   booting the rise is not projected again (that pod was launched for it).
+//!   warming up (booting, or inside `warmup_grace`) the rise is not projected again: that pod
+//!   was launched for it, and the trend does not show its capacity yet.
 //! * **Scale-down priced like renting.** An idle pod is kept only as long as keeping it costs
 //!   less than the boot of the replacement it would spare (the ski-rental break-even: idle for
 //!   about the boot time, then go), so `idle_timeout` is capped at the warm-up estimate and

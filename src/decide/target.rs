@@ -15,7 +15,7 @@ use crate::model::Timestamp;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Tuning {
     /// Size scale-up for the lag projected this far ahead along its recent trend (zero: the
-    /// lag as it is now), while no pod is still booting.
+    /// lag as it is now), while no pod is still warming up.
     pub(super) lookahead: Duration,
     /// Scale down only to the highest demand seen within this window.
     pub(super) window: Duration,
@@ -95,11 +95,14 @@ pub(super) fn tracked(
     let by_lag_now = latest_lag.map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
     let by_lag_ahead =
         projected(&signals.queue, tuning.lookahead).map_or(0, |s| lag_gpus(&s, policy.lag_per_gpu));
-    // Pods still booting were launched for the rise seen then: while they boot, the projection
-    // keeps the capacity that exists (nothing launched for it is dropped) but adds none (each
-    // boot would otherwise add another round for the same rise).
-    let booting = view.capacity_pods().any(|p| !p.ready);
-    let by_lag = if booting {
+    // Pods still warming (booting, or inside the warm-up grace) were launched for the rise seen
+    // then, and the trend predates their capacity: while they warm, the projection keeps the
+    // capacity that exists (nothing launched for it is dropped) but adds none (the rise their
+    // launch answers would otherwise buy another round the moment they turn ready).
+    let warming = view
+        .capacity_pods()
+        .any(|p| p.is_warming(now, policy.warmup_grace));
+    let by_lag = if warming {
         by_lag_now.max(by_lag_ahead.min(total_now))
     } else {
         by_lag_ahead

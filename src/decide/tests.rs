@@ -839,10 +839,16 @@ fn cost_scales_up_for_the_lag_projected_over_the_boot() {
     let plan = decide(&view(2, vec![booting.clone()]), &rising, &cost, NOW);
     assert_eq!(plan.demand_gpus, 4, "{plan}");
     assert_eq!(plan.launches(), 1, "{plan}");
-    // Once it serves, the trend counts again.
+    // Just ready, inside its warm-up grace: the trend still predates its capacity, so it is
+    // not projected yet either.
     let mut served = booting;
     served.state = PodState::Running;
     served.ready = true;
+    let plan = decide(&view(2, vec![served.clone()]), &rising, &cost, NOW);
+    assert_eq!(plan.demand_gpus, 4, "{plan}");
+    assert_eq!(plan.launches(), 1, "{plan}");
+    // Past the grace (180 s), the trend counts again.
+    served.created_at = NOW.minus(Duration::from_secs(180));
     let plan = decide(&view(2, vec![served]), &rising, &cost, NOW);
     assert_eq!(plan.demand_gpus, 40, "{plan}");
     assert_eq!(plan.launches(), 9, "{plan}");
