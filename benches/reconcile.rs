@@ -12,8 +12,6 @@
 //! `cargo test --benches` runs a small smoke version.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,47 +43,20 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The emulator binary on a free port, with `config` (TOML).
-struct EmulatorProcess {
-    child: Child,
-    api_url: String,
-    graphql_url: String,
-    _dir: tempfile::TempDir,
+#[path = "../tests/support/emulator_process.rs"]
+mod emulator_process;
+use emulator_process::EmulatorProcess;
+
+/// Starts the emulator binary on a free port with `config` (TOML).
+fn start_emulator(config: &str) -> EmulatorProcess {
+    EmulatorProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_runpod-autoscaler")),
+        KEY,
+        config,
+    )
 }
 
 impl EmulatorProcess {
-    fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("emulator.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_runpod-autoscaler"))
-            .args([
-                "emulator",
-                "--listen",
-                "127.0.0.1:0",
-                "--api-key",
-                KEY,
-                "--config",
-            ])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the emulator");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).expect("emulator listening line");
-        EmulatorProcess {
-            child,
-            api_url: v["api_url"].as_str().unwrap().to_owned(),
-            graphql_url: v["graphql_url"].as_str().unwrap().to_owned(),
-            _dir: dir,
-        }
-    }
-
     fn client(&self) -> RunPodClient {
         RunPodClient::new(RunPodSettings::new(
             &self.api_url,
@@ -107,15 +78,6 @@ impl EmulatorProcess {
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-impl Drop for EmulatorProcess {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
     }
 }
 
@@ -260,7 +222,7 @@ async fn spike_to_create(spikes: usize) {
     let keys = keys();
     let mut samples = Vec::new();
     for _ in 0..spikes {
-        let emu = EmulatorProcess::start("sshd = false\nboot_delay = \"1s\"\n");
+        let emu = start_emulator("sshd = false\nboot_delay = \"1s\"\n");
         let state = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         let reconciler =
@@ -329,7 +291,7 @@ fn signals(lag: f64) -> Signals {
 /// 2. RUNNING → joined, on real sshd pods.
 async fn running_to_joined(pods: u32) {
     let keys = keys();
-    let emu = EmulatorProcess::start("boot_delay = \"0s\"\n");
+    let emu = start_emulator("boot_delay = \"0s\"\n");
     let state = tempfile::tempdir().unwrap();
     let mut r =
         Reconciler::new(context(&emu, &keys, state.path(), Arc::new(Metrics::new()))).unwrap();
@@ -400,7 +362,7 @@ fn cpu_time() -> Duration {
 /// 3. Steady-state ticks with `pods` pods and claims.
 async fn big_fleet(pods: u32) {
     let keys = keys();
-    let emu = EmulatorProcess::start(&format!(
+    let emu = start_emulator(&format!(
         "sshd = false\nboot_delay = \"0s\"\n[[gpus]]\nid = \"{A5000}\"\nname = \"RTX A5000\"\nmemory_gb = 24\nsecure_price = 0.26\ncommunity_price = 0.16\nstock = {}\n",
         pods + 10
     ));

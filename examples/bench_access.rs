@@ -11,9 +11,12 @@
 //! path in `RPA_BINARY`); `RPA_BENCH_GIB=0.25` for a smaller transfer.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+#[path = "../tests/support/emulator_process.rs"]
+mod emulator_process;
+use emulator_process::EmulatorProcess;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,46 +46,6 @@ impl Lat {
 
     fn row(&self, what: &str) {
         println!("| {what} | {:.1} | {:.1} |", self.at(0.5), self.at(0.95));
-    }
-}
-
-struct Emulator {
-    child: Child,
-    api: String,
-    graphql: String,
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        // SIGTERM lets it kill every pod's sshd.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn emulator(dir: &Path) -> Emulator {
-    let cfg = dir.join("emulator.toml");
-    std::fs::write(&cfg, "boot_delay = \"1s\"\n").unwrap();
-    let binary =
-        std::env::var("RPA_BINARY").unwrap_or_else(|_| "target/release/runpod-autoscaler".into());
-    let mut child = Command::new(binary)
-        .args(["emulator", "--api-key", KEY, "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting the emulator");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).expect("emulator listening line");
-    Emulator {
-        child,
-        api: v["api_url"].as_str().unwrap().to_owned(),
-        graphql: v["graphql_url"].as_str().unwrap().to_owned(),
     }
 }
 
@@ -142,7 +105,9 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path());
+    let binary =
+        std::env::var("RPA_BINARY").unwrap_or_else(|_| "target/release/runpod-autoscaler".into());
+    let emu = EmulatorProcess::start(Path::new(&binary), KEY, "boot_delay = \"1s\"\n");
     let key_path = dir.path().join("id_ed25519");
     let s = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
@@ -155,8 +120,8 @@ async fn main() {
         .trim()
         .to_owned();
     let client = RunPodClient::new(RunPodSettings::new(
-        &emu.api,
-        &emu.graphql,
+        &emu.api_url,
+        &emu.graphql_url,
         Secret::new(KEY),
     ))
     .unwrap();
@@ -188,7 +153,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let host_key: String = reqwest::get(format!("{}/admin/host-key", emu.api))
+    let host_key: String = reqwest::get(format!("{}/admin/host-key", emu.api_url))
         .await
         .unwrap()
         .json::<serde_json::Value>()
