@@ -189,9 +189,10 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     /// Skips rows that end at or before `t`.
     fn skip_to(&mut self, t: u64) {
-        while self.next < self.trace.rows.len() && self.trace.row_end_ms(self.next) <= t {
-            self.next += 1;
-        }
+        let ended = (self.next..self.trace.rows.len())
+            .take_while(|&i| self.trace.row_end_ms(i) <= t)
+            .count();
+        self.next += ended;
     }
 
     /// The service-time p95 the trace gives for the row containing `t`, if any.
@@ -204,7 +205,8 @@ impl Cursor<'_> {
             .and_then(|r| r.p95_s)
     }
 
-    /// Jobs arriving in `[from, to)`, each row's spread uniformly over its interval.
+    /// Jobs arriving in `[from, to)`, each row's spread uniformly over its interval (rows
+    /// last at least 1 ms: times are strictly increasing).
     fn arrivals(&mut self, from: u64, to: u64) -> f64 {
         self.skip_to(from);
         let mut jobs = 0.0;
@@ -214,12 +216,9 @@ impl Cursor<'_> {
                 break;
             }
             let end = self.trace.row_end_ms(i);
-            let lo = from.max(row.time_ms);
-            let hi = to.min(end);
-            let length = end.saturating_sub(row.time_ms);
-            if hi > lo && length > 0 {
-                jobs += row.arriving_jobs * ((hi - lo) as f64 / length as f64);
-            }
+            let overlap = to.min(end).saturating_sub(from.max(row.time_ms));
+            let length = end.saturating_sub(row.time_ms).max(1);
+            jobs += row.arriving_jobs * (overlap as f64 / length as f64);
             i += 1;
         }
         jobs
@@ -302,8 +301,8 @@ pub fn simulate(trace: &Trace, policy: &Policy, params: &SimParams) -> SimReport
 
 /// Non-negative finite, else 0.
 fn sane(x: f64) -> f64 {
-    if x.is_finite() && x > 0.0 {
-        x
+    if x.is_finite() {
+        x.max(0.0)
     } else {
         0.0
     }

@@ -483,6 +483,27 @@ fn the_trace_p95_is_used_and_violations_count_distinct_minutes() {
 }
 
 #[test]
+fn violation_minutes_count_from_the_trace_start() {
+    // The trace starts at 15 s; its second minute (75 s to 135 s) has a service p95 above the
+    // SLO. That is one violation minute, not two halves of clock minutes.
+    let t = parse("time_s,arriving_jobs,p95_s\n15,0,5\n75,0,70\n135,0,5\n").unwrap();
+    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    assert_eq!(r.slo_violation_minutes, 1, "{timeline:?}");
+    let violated: Vec<_> = timeline.iter().filter(|t| t.p95_seconds > 60.0).collect();
+    assert_eq!(violated.len(), 4, "{timeline:?}");
+    assert_eq!(violated[0].at, Timestamp::from_millis(75_000));
+}
+
+#[test]
+fn bad_params_count_as_zero() {
+    assert_eq!(sane(2.5), 2.5);
+    assert_eq!(sane(0.0), 0.0);
+    for bad in [-1.0, f64::NEG_INFINITY, f64::INFINITY, f64::NAN] {
+        assert_eq!(sane(bad), 0.0, "{bad}");
+    }
+}
+
+#[test]
 fn queue_wait_is_modeled_and_no_capacity_is_finite() {
     // 120 jobs at once with no capacity at all: the modeled wait is capped, never infinite.
     let t = parse("time_s,arriving_jobs\n0,120\n15,0\n").unwrap();
