@@ -299,6 +299,11 @@ pub fn simulate(trace: &Trace, policy: &Policy, params: &SimParams) -> SimReport
     run(trace, policy, params).0
 }
 
+/// Served work this small is float dust: it does not make a pod busy.
+fn is_dust(jobs: f64) -> bool {
+    jobs <= BUSY_EPSILON
+}
+
 /// Non-negative finite, else 0.
 fn sane(x: f64) -> f64 {
     if x.is_finite() {
@@ -417,7 +422,7 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
         let mut served_pods = 0.0;
         for pod in pods.iter_mut().filter(|p| p.state == PodState::Running) {
             let served = queue.min(f64::from(pod.gpus) * per_gpu_tick);
-            if served > BUSY_EPSILON {
+            if !is_dust(served) {
                 pod.last_busy_at = Some(now);
             }
             queue -= served;

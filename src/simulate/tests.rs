@@ -495,6 +495,30 @@ fn violation_minutes_count_from_the_trace_start() {
 }
 
 #[test]
+fn a_p95_at_the_slo_is_no_violation() {
+    let t = parse("time_s,arriving_jobs,p95_s\n0,0,60\n60,0,60.001\n").unwrap();
+    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    assert_eq!(r.slo_violation_minutes, 1, "{timeline:?}");
+}
+
+#[test]
+fn a_pod_serves_its_gpus_times_the_rate() {
+    // One 2-GPU pod, 8 jobs per GPU per minute (2 per GPU per 15 s tick), no baseline, more
+    // work than it can serve: once it runs it serves 4 jobs a tick.
+    let mut p = policy(PolicyKind::Target);
+    p.max_pods = 1;
+    p.pod.gpus = 2;
+    let sim = SimParams {
+        jobs_per_gpu_per_minute: 8.0,
+        ..params(0)
+    };
+    let (_, timeline) = run(&per_minute(10, |_| 100.0), &p, &sim);
+    let served: Vec<f64> = timeline.iter().map(|t| t.served_pods).collect();
+    assert!(served.iter().all(|&s| s <= 4.0), "{served:?}");
+    assert!(served.contains(&4.0), "{served:?}");
+}
+
+#[test]
 fn bad_params_count_as_zero() {
     assert_eq!(sane(2.5), 2.5);
     assert_eq!(sane(0.0), 0.0);
@@ -574,6 +598,12 @@ fn the_table_is_aligned_and_reports_serialize() {
         lines[6].starts_with("quiet         bound      0.00          -"),
         "{table}"
     );
+    // Each policy's spend over the bound, to two decimals.
+    let bound = reports[0].bound.as_ref().unwrap().usd;
+    for (line, r) in lines[1..4].iter().zip(&reports[0].results) {
+        let ratio = format!(" {:.2} ", r.total_usd / bound);
+        assert!(line.contains(&ratio), "{ratio:?} in {table}");
+    }
     let width = lines[0].len();
     assert!(lines[..7].iter().all(|l| l.len() == width), "{table}");
     assert_eq!(lines[7], "");
