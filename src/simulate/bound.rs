@@ -208,7 +208,7 @@ const SEGMENT_TICKS: usize = 720;
 /// Where the segments end: after [`SEGMENT_TICKS`], at the first tick whose SLO is enforced
 /// (a cut inside a violation window would let the first segment leave the backlog it may defer
 /// there to nobody), at the latest after twice that many.
-fn segment_ends(n: usize, enforce: &[bool]) -> Vec<usize> {
+pub(super) fn segment_ends(n: usize, enforce: &[bool]) -> Vec<usize> {
     let mut ends = Vec::new();
     let mut start = 0;
     while start < n {
@@ -235,10 +235,6 @@ fn segment_ends(n: usize, enforce: &[bool]) -> Vec<usize> {
 /// program, so the sum is still a lower bound, slightly below the single program's optimum
 /// (one boot per pod alive at a boundary).
 fn solve(ticks: &[Tick], m: &Model, enforce: &[bool], floor: &[f64]) -> Result<f64, BoundError> {
-    if m.max_pods <= 0.0 || m.gpus <= 0.0 || m.per_gpu_per_s <= 0.0 || m.price <= 0.0 {
-        // No pod can be had, serve or cost anything: RunPod spend is zero.
-        return Ok(0.0);
-    }
     let mut total = 0.0;
     let mut from = 0;
     for end in segment_ends(ticks.len(), enforce) {
@@ -295,10 +291,9 @@ fn solve_segment(
             0.0,
         );
         // Serving pods: existing ones minus those still booting.
+        // (With no boot, `(t + 1)..=t` is empty.)
         let mut serving = vec![(r[t], 1.0), (y[t], -1.0)];
-        if k > 0 {
-            serving.extend(x[(t + 1).saturating_sub(k)..=t].iter().map(|v| (*v, 1.0)));
-        }
+        serving.extend(x[(t + 1).saturating_sub(k)..=t].iter().map(|v| (*v, 1.0)));
         lp.add_constraint(serving.as_slice(), ComparisonOp::Le, 0.0);
         // Service: q_t + a_t − q_(t+1) ≤ (baseline + gpus·R_t)·rate·dt.
         let per_gpu = m.per_gpu_per_s * tick.dt_s();

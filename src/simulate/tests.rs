@@ -671,6 +671,32 @@ fn the_bound_matches_a_hand_computed_optimum_without_violations() {
     let bound = lower_bound(&trace, &p, &params).unwrap();
     assert!((bound.usd - 0.06).abs() < 1e-9, "{bound:?}");
     assert_eq!(bound.violation_minutes, 0);
+    // The same with the SLO enforced at every tick by hand; none enforced needs no pod.
+    let usd = lower_bound_where(&trace, &p, &params, &[true; 6]).unwrap();
+    assert!((usd - 0.06).abs() < 1e-9, "{usd}");
+    assert_eq!(lower_bound_where(&trace, &p, &params, &[]).unwrap(), 0.0);
+    // Enforced only when minute 4 starts: minute 2's jobs must be served by then (one pod
+    // serving minutes 2 and 3, launched at minute 1: 3 pod-minutes); minute 4's job may wait.
+    let minute_4 = [false, false, false, false, true, false];
+    let usd = lower_bound_where(&trace, &p, &params, &minute_4).unwrap();
+    assert!((usd - 0.03).abs() < 1e-9, "{usd}");
+}
+
+#[test]
+fn long_programs_are_cut_at_an_enforced_tick_between_720_and_1440_ticks() {
+    use super::bound::segment_ends;
+    let all = vec![true; 3000];
+    assert_eq!(segment_ends(0, &all), Vec::<usize>::new());
+    assert_eq!(segment_ends(100, &all), [100]);
+    assert_eq!(segment_ends(720, &all), [720]);
+    assert_eq!(segment_ends(721, &all), [720, 721]);
+    assert_eq!(segment_ends(3000, &all), [720, 1440, 2160, 2880, 3000]);
+    // Not enforced from tick 720 to 999: the first cut waits for tick 1000.
+    let mut gap = all.clone();
+    gap[720..1000].fill(false);
+    assert_eq!(segment_ends(3000, &gap), [1000, 1720, 2440, 3000]);
+    // Nothing enforced (missing entries count as not enforced): cut after 1440 ticks.
+    assert_eq!(segment_ends(3000, &[]), [1440, 2880, 3000]);
 }
 
 #[test]
