@@ -683,6 +683,40 @@ fn the_bound_matches_a_hand_computed_optimum_without_violations() {
 }
 
 #[test]
+fn the_bound_with_slo_headroom_and_no_boot_matches_a_hand_computed_optimum() {
+    // A 70 s SLO over a 10 s service time leaves 60 s of queueing: at each tick's start at most
+    // 1 job may wait per GPU seen running (1 job per GPU per minute). No baseline, no boot: a
+    // pod launched at a tick serves in it but is seen only at the next. 3 jobs in minute 0:
+    // `a` pod-minutes in minute 0 leave 3 − a waiting at minute 1, at most a, so a ≥ 1.5;
+    // minute 1 then needs half the rest, (3 − a) / 2: 1.5 + a / 2 pod-minutes, least at
+    // a = 1.5: 2.25 pod-minutes, $0.0225.
+    let (mut p, params) = tiny(0, 0, 5, 5);
+    p.slo_p95_seconds = 70.0;
+    let trace = per_minute(3, |m| if m == 0 { 3.0 } else { 0.0 });
+    let bound = lower_bound(&trace, &p, &params).unwrap();
+    assert!((bound.usd - 0.0225).abs() < 1e-9, "{bound:?}");
+    assert_eq!(bound.violation_minutes, 0);
+}
+
+#[test]
+fn a_later_segment_starts_from_the_backlog_floor_with_booted_pods() {
+    // 722 one-minute ticks, so two programs cut at tick 720. One baseline GPU, at most one
+    // 2-GPU pod (3 jobs a minute at most), a 60 s queueing headroom (1 job per GPU seen
+    // running). 5.5 jobs in minute 719: at least 2.5 still wait at minute 720 whatever the
+    // schedule, which the second program starts from, with pods already booted (they make
+    // minute 720's start legal for free). Minute 721's start then allows 1 + 2·(pods seen
+    // running) waiting: with R pods serving minute 720, 1.5 − 2R ≤ 1 + 2R, so R ≥ 0.125:
+    // $0.00125. The first program needs no pod.
+    let (mut p, params) = tiny(1, 60, 1, 1);
+    p.slo_p95_seconds = 70.0;
+    p.pod.gpus = 2;
+    let trace = per_minute(722, |m| if m == 719 { 5.5 } else { 0.0 });
+    let bound = lower_bound(&trace, &p, &params).unwrap();
+    assert!((bound.usd - 0.00125).abs() < 1e-9, "{bound:?}");
+    assert_eq!(bound.violation_minutes, 0);
+}
+
+#[test]
 fn long_programs_are_cut_at_an_enforced_tick_between_720_and_1440_ticks() {
     use super::bound::segment_ends;
     let all = vec![true; 3000];
