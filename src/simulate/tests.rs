@@ -216,7 +216,25 @@ fn bad_input_is_a_typed_error_naming_line_and_column() {
             "too many cells",
             "time_s,arriving_jobs\n0,1\n60,1,5\n",
             Some(3),
-            Box::new(|e| matches!(e, TraceError::Malformed { .. })),
+            Box::new(|e| {
+                matches!(e, TraceError::Malformed { message, .. }
+                    if message.starts_with("the row has 3 cells but the header has 2"))
+            }),
+        ),
+        (
+            "a header of empty names",
+            ",,\n0,1,2\n",
+            None,
+            Box::new(|e| matches!(e, TraceError::Empty)),
+        ),
+        (
+            "time beyond 1e10 s",
+            "time_s,arriving_jobs\n0,1\n10000000001,1\n",
+            Some(3),
+            Box::new(|e| {
+                matches!(e, TraceError::BadValue { column, problem, .. }
+                    if column == "time_s" && problem.contains("larger than 10000000000"))
+            }),
         ),
     ];
     for (name, text, line, check) in cases {
@@ -251,6 +269,15 @@ fn invalid_utf8_bytes_are_an_error_not_a_panic() {
     let bytes: &[u8] = b"time_s,arriving_jobs\n0,1\n60,\xff\xfe\n";
     let err = Trace::from_reader(bytes).unwrap_err();
     assert_eq!(err.line(), Some(3), "{err}");
+    assert!(err.to_string().contains("not valid UTF-8"), "{err}");
+}
+
+#[test]
+fn values_at_their_limits_parse() {
+    let t =
+        parse("time_s,arriving_jobs,p95_s\n0,1000000000000,31536000\n10000000000,0,0\n").unwrap();
+    assert_eq!(t.rows.len(), 2);
+    assert_eq!(t.rows[1].time_ms, 10_000_000_000_000);
 }
 
 #[test]

@@ -210,7 +210,8 @@ impl Trace {
             .headers()
             .map_err(|e| from_csv(&e, &csv::StringRecord::new(), None))?
             .clone();
-        if headers.is_empty() || headers.iter().all(str::is_empty) {
+        // (No header at all is every name empty, too.)
+        if headers.iter().all(str::is_empty) {
             return Err(TraceError::Empty);
         }
         let header_line = headers.position().map_or(1, |p| p.line());
