@@ -98,11 +98,13 @@ pub(super) fn tracked(
     // Pods still warming (booting, or inside the warm-up grace) were launched for the rise seen
     // then, and the trend predates their capacity: while they warm, the projection keeps the
     // capacity that exists (nothing launched for it is dropped) but adds none (the rise their
-    // launch answers would otherwise buy another round the moment they turn ready).
-    let warming = view
-        .capacity_pods()
-        .any(|p| p.is_warming(now, policy.warmup_grace));
-    let by_lag = if warming {
+    // launch answers would otherwise buy another round the moment they turn ready). A latency
+    // step-up waits for them too.
+    let warming = super::count(
+        view.capacity_pods()
+            .filter(|p| p.is_warming(now, policy.warmup_grace)),
+    );
+    let by_lag = if warming > 0 {
         by_lag_now.max(by_lag_ahead.min(total_now))
     } else {
         by_lag_ahead
@@ -116,12 +118,6 @@ pub(super) fn tracked(
     let by_latency = match slow {
         None => 0,
         Some(_) => {
-            let warming = u32::try_from(
-                view.capacity_pods()
-                    .filter(|p| p.is_warming(now, policy.warmup_grace))
-                    .count(),
-            )
-            .unwrap_or(u32::MAX);
             if warming > 0 {
                 // The last step has not taken effect yet: wait for it before adding more.
                 holds.push(Hold::WarmingUp { pods: warming });
