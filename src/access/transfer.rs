@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::OpenFlags;
 use serde::Serialize;
@@ -324,6 +325,16 @@ fn pod_path_err(pod: &str, path: impl Into<String>, detail: impl std::fmt::Displ
     }
 }
 
+/// An SFTP request on a pod path failed: a status the server answered is a problem with the
+/// path (not retried); anything else is the session failing under the request (a cut
+/// connection: retryable, so a transfer resumes instead of giving up).
+fn pod_sftp_err(pod: &str, path: impl Into<String>, e: SftpError) -> AccessError {
+    match e {
+        SftpError::Status(_) => pod_path_err(pod, path, e),
+        other => sftp_err(pod, other),
+    }
+}
+
 fn sftp_err(pod: &str, e: impl std::fmt::Display) -> AccessError {
     AccessError::Sftp {
         pod: pod.to_owned(),
@@ -358,7 +369,7 @@ async fn write_at(
     let mut f = sftp
         .open_with_flags(path, OpenFlags::WRITE)
         .await
-        .map_err(|e| pod_path_err(pod, path, e))?;
+        .map_err(|e| pod_sftp_err(pod, path, e))?;
     f.seek(std::io::SeekFrom::Start(off))
         .await
         .map_err(|e| sftp_err(pod, e))?;
@@ -462,7 +473,7 @@ impl PodAccess {
             .read_dir(path)
             .instrument(span)
             .await
-            .map_err(|e| pod_path_err(pod, path.to_owned(), e.to_string()))?;
+            .map_err(|e| pod_sftp_err(pod, path.to_owned(), e))?;
         let mut entries: Vec<RemoteEntry> = dir
             .filter(|e| e.file_name() != "." && e.file_name() != "..")
             .map(|e| {
@@ -597,7 +608,7 @@ impl PodAccess {
             let mut j = sftp
                 .create(journal.as_str())
                 .await
-                .map_err(|e| pod_path_err(pod, journal.clone(), e.to_string()))?;
+                .map_err(|e| pod_sftp_err(pod, journal.clone(), e))?;
             j.write_all(journal_header(it.size, chunk).as_bytes())
                 .await
                 .map_err(|e| sftp_err(pod, format!("writing {journal}: {e}")))?;
@@ -613,7 +624,7 @@ impl PodAccess {
         };
         sftp.open_with_flags(part.as_str(), flags)
             .await
-            .map_err(|e| pod_path_err(pod, part.clone(), e))?
+            .map_err(|e| pod_sftp_err(pod, part.clone(), e))?
             .shutdown()
             .await
             .map_err(|e| sftp_err(pod, e))?;
@@ -689,7 +700,7 @@ impl PodAccess {
         let meta = sftp
             .metadata(remote)
             .await
-            .map_err(|e| pod_path_err(pod, remote.to_owned(), e.to_string()))?;
+            .map_err(|e| pod_sftp_err(pod, remote.to_owned(), e))?;
         let name = remote
             .trim_end_matches('/')
             .rsplit('/')
@@ -879,7 +890,7 @@ impl PodAccess {
         let mut src = sftp
             .open(it.remote.as_str())
             .await
-            .map_err(|e| pod_path_err(pod, it.remote.clone(), e.to_string()))?;
+            .map_err(|e| pod_sftp_err(pod, it.remote.clone(), e))?;
         let mut whole = Some(Sha256::new());
         let mut tally = Tally::default();
         // Where the next SFTP read starts: sequential reads keep the read-ahead going.
@@ -1047,7 +1058,7 @@ async fn walk_remote(
         let entries = sftp
             .read_dir(rdir.as_str())
             .await
-            .map_err(|e| pod_path_err(pod, rdir.clone(), e.to_string()))?;
+            .map_err(|e| pod_sftp_err(pod, rdir.clone(), e))?;
         for e in entries {
             let name = e.file_name();
             if name == "." || name == ".." {
@@ -1075,6 +1086,30 @@ async fn walk_remote(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_status_is_a_path_problem_and_a_failing_session_is_retried() {
+        let status = SftpError::Status(russh_sftp::protocol::Status {
+            id: 1,
+            status_code: russh_sftp::protocol::StatusCode::NoSuchFile,
+            error_message: "no such file".to_owned(),
+            language_tag: "en".to_owned(),
+        });
+        let e = pod_sftp_err("p1", "a/b", status);
+        assert!(
+            matches!(&e, AccessError::Path { path, .. } if path == "a/b"),
+            "{e:?}"
+        );
+        assert!(!e.is_retryable());
+        for cut in [
+            SftpError::UnexpectedBehavior("sender dropped".to_owned()),
+            SftpError::IO("broken pipe".to_owned()),
+            SftpError::Timeout,
+        ] {
+            let e = pod_sftp_err("p1", "a/b", cut);
+            assert!(e.is_retryable(), "{e:?}");
+        }
+    }
 
     fn sh(script: &str) -> (i32, String) {
         let out = std::process::Command::new("sh")
