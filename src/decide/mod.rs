@@ -50,7 +50,23 @@ struct ScaleDown {
     warmup_grace: Duration,
     /// Each pod waits its own share of `idle_timeout` ([`idle_share`]) instead of all of it.
     spread_idle: bool,
+    /// Marginal pods under a continuing load wait longer, or `None`.
+    steady: Option<SteadyLoad>,
 }
+
+/// Hysteresis for the marginal pods of a continuing load: while some pods are serving, up to
+/// `per_serving` × their count (rounded up) of the idle pods, the last ones in removal order,
+/// wait `idle_timeout` instead of the short one. A load that steps around a pod's worth then
+/// keeps that pod instead of dropping and re-buying it; once no pod serves (a burst is over),
+/// every idle pod is back on the short timeout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SteadyLoad {
+    idle_timeout: Duration,
+    per_serving: f64,
+}
+
+/// A pod busy this recently is serving (a continuing load); one idle longer is idle.
+const SERVING_WITHIN: Duration = Duration::from_secs(60);
 
 /// The share of the break-even idle time a pod waits before it goes: between half and all of
 /// it, drawn once per pod from a hash of its id (the same in a given build), following the
@@ -334,13 +350,41 @@ fn scale_down(
     remaining.sort_by(|a, b| removal_order(a, b));
     let mut pods_left = count(remaining.iter());
     let mut not_idle = 0u32;
+    // Idle pods (warmed up, not serving) in removal order; the last `kept` of them are the
+    // steady load's marginal pods.
+    let warm = |p: &PodView| !p.is_warming(now, rules.warmup_grace);
+    let serving = count(
+        remaining
+            .iter()
+            .filter(|p| warm(p) && p.idle_for(now) < SERVING_WITHIN),
+    );
+    let idle = count(
+        remaining
+            .iter()
+            .filter(|p| warm(p) && p.idle_for(now) >= SERVING_WITHIN),
+    );
+    let kept = rules.steady.map_or(0, |s| {
+        (f64::from(serving) * s.per_serving)
+            .ceil()
+            .min(f64::from(u32::MAX)) as u32
+    });
+    let mut idle_seen = 0u32;
     remaining.retain(|pod| {
+        let marginal = match rules.steady {
+            Some(steady) if warm(pod) && pod.idle_for(now) >= SERVING_WITHIN => {
+                idle_seen += 1;
+                (idle_seen + kept > idle).then_some(steady.idle_timeout)
+            }
+            _ => None,
+        };
         let covers = *remaining_gpus >= want_gpus.saturating_add(pod.gpus);
         if !covers || pods_left <= min_pods {
             return true;
         }
         let idle_for = pod.idle_for(now);
-        let timeout = if rules.spread_idle {
+        let timeout = if let Some(steady) = marginal {
+            steady
+        } else if rules.spread_idle {
             rules.idle_timeout.mul_f64(idle_share(&pod.id))
         } else {
             rules.idle_timeout

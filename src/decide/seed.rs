@@ -81,6 +81,7 @@ pub(super) fn want(view: &ClusterView, signals: &Signals, policy: &Policy, now: 
             idle_timeout: IDLE_TIMEOUT,
             warmup_grace: Duration::ZERO,
             spread_idle: false,
+            steady: None,
         }),
         holds: Vec::new(),
     }

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use super::{ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Series, Signals, Want};
+use super::{
+    ClusterView, Hold, Policy, Reason, Sample, ScaleDown, Series, Signals, SteadyLoad, Want,
+};
 use crate::model::Timestamp;
 
 /// How the tracking rule scales: the target policy's settings, or the cost-aware policy's
@@ -25,6 +27,8 @@ pub(super) struct Tuning {
     pub(super) idle_timeout: Duration,
     /// Each pod waits its own ski-rental share of `idle_timeout` (see `decide/mod.rs`).
     pub(super) spread_idle: bool,
+    /// Hysteresis for the marginal pods of a continuing load, or `None`.
+    pub(super) steady: Option<SteadyLoad>,
 }
 
 impl Tuning {
@@ -36,6 +40,7 @@ impl Tuning {
             hold_on_breach: true,
             idle_timeout: policy.idle_timeout,
             spread_idle: false,
+            steady: None,
         }
     }
 }
@@ -197,6 +202,7 @@ pub(super) fn tracked(
             idle_timeout: tuning.idle_timeout,
             spread_idle: tuning.spread_idle,
             warmup_grace: policy.warmup_grace,
+            steady: tuning.steady,
         }),
         holds,
     }

@@ -1339,3 +1339,84 @@ fn a_pod_warms_while_not_ready_or_inside_the_grace_and_not_from_its_end() {
     let old = pod("d", PodState::Running, Duration::from_secs(3600));
     assert!(!old.is_warming(NOW, grace));
 }
+
+/// A running one-GPU pod named `id`, created `age` ago and last busy `idle` ago.
+fn busy_pod(id: &str, age: Duration, idle: Duration) -> PodView {
+    let mut p = pod(id, PodState::Running, age);
+    p.last_busy_at = Some(NOW.minus(idle));
+    p
+}
+
+#[test]
+fn cost_keeps_a_continuing_loads_marginal_pods_for_eight_break_evens() {
+    let cost = policy(PolicyKind::Cost);
+    let quiet = lag_series(&[0.0]);
+    let hour = Duration::from_secs(3600);
+    let serving = |n: usize| -> Vec<PodView> {
+        (0..n)
+            .map(|i| busy_pod(&format!("busy-{i}"), hour, Duration::from_secs(10)))
+            .collect()
+    };
+    let gone = |pods: Vec<PodView>, p: &Policy| -> Vec<String> {
+        decide(&view(2, pods), &quiet, p, NOW)
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Terminate { pod, .. } => Some(pod.0.clone()),
+                Step::Launch { .. } => None,
+            })
+            .collect()
+    };
+    // Break-even: min(idle_timeout 120 s, warm-up 180 s) = 120 s, so the marginal pod of a
+    // continuing load waits 8 × 120 = 960 s.
+    let with_idle = |n: usize, idle_s: u64| {
+        let mut pods = serving(n);
+        pods.push(busy_pod("idle", hour, Duration::from_secs(idle_s)));
+        pods
+    };
+    assert!(gone(with_idle(3, 300), &cost).is_empty());
+    assert!(gone(with_idle(3, 959), &cost).is_empty());
+    assert_eq!(gone(with_idle(3, 960), &cost), ["idle"]);
+    // The target policy has no such hysteresis: its idle timeout is all the pod waits.
+    assert_eq!(
+        gone(with_idle(3, 300), &policy(PolicyKind::Target)),
+        ["idle"]
+    );
+
+    // A third of the serving pods' count, rounded up, of idle pods is kept: the last ones in
+    // removal order (the oldest); the others go at the break-even.
+    let idle_three = |n: usize| {
+        let mut pods = serving(n);
+        for (i, age) in [3000, 2000, 1000].into_iter().enumerate() {
+            pods.push(busy_pod(
+                &format!("idle-{i}"),
+                Duration::from_secs(age),
+                Duration::from_secs(300),
+            ));
+        }
+        pods
+    };
+    let mut three = gone(idle_three(3), &cost);
+    three.sort();
+    assert_eq!(three, ["idle-1", "idle-2"]);
+    assert_eq!(gone(idle_three(4), &cost), ["idle-2"]);
+    assert!(gone(idle_three(7), &cost).is_empty());
+
+    // No pod serving (the burst is over): every idle pod goes at the break-even.
+    let mut none = gone(idle_three(0), &cost);
+    none.sort();
+    assert_eq!(none, ["idle-0", "idle-1", "idle-2"]);
+    // Busy 59 s ago is serving; 60 s ago is idle, so nothing serves and the idle pod goes.
+    let mut pods = vec![busy_pod("recent", hour, Duration::from_secs(59))];
+    pods.push(busy_pod("idle", hour, Duration::from_secs(300)));
+    assert!(gone(pods, &cost).is_empty());
+    let mut pods = vec![busy_pod("recent", hour, Duration::from_secs(60))];
+    pods.push(busy_pod("idle", hour, Duration::from_secs(300)));
+    assert!(gone(pods, &cost).contains(&"idle".to_owned()));
+    // A pod still warming up does not count as serving, even when it has served.
+    let pods = vec![
+        busy_pod("warming", Duration::from_secs(30), Duration::from_secs(5)),
+        busy_pod("idle", hour, Duration::from_secs(300)),
+    ];
+    assert_eq!(gone(pods, &cost), ["idle"]);
+}
