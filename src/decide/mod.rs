@@ -65,7 +65,8 @@ struct SteadyLoad {
     per_serving: f64,
 }
 
-/// A pod busy this recently is serving (a continuing load); one idle longer is idle.
+/// A pod busy this recently is serving (a continuing load); one idle longer is idle. The
+/// reconciler's health probes, which mark a pod busy, run at most 30 s apart.
 const SERVING_WITHIN: Duration = Duration::from_secs(60);
 
 /// The share of the break-even idle time a pod waits before it goes: between half and all of

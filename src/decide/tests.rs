@@ -1401,6 +1401,18 @@ fn cost_keeps_a_continuing_loads_marginal_pods_for_eight_break_evens() {
     assert_eq!(three, ["idle-1", "idle-2"]);
     assert_eq!(gone(idle_three(4), &cost), ["idle-2"]);
     assert!(gone(idle_three(7), &cost).is_empty());
+    // Serving pods first in removal order (the newest) do not shift which idle pods are kept.
+    let mut pods = idle_three(0);
+    for i in 0..3 {
+        pods.push(busy_pod(
+            &format!("new-{i}"),
+            Duration::from_secs(500),
+            Duration::from_secs(10),
+        ));
+    }
+    let mut newest_serving = gone(pods, &cost);
+    newest_serving.sort();
+    assert_eq!(newest_serving, ["idle-1", "idle-2"]);
 
     // No pod serving (the burst is over): every idle pod goes at the break-even.
     let mut none = gone(idle_three(0), &cost);
@@ -1410,8 +1422,9 @@ fn cost_keeps_a_continuing_loads_marginal_pods_for_eight_break_evens() {
     let mut pods = vec![busy_pod("recent", hour, Duration::from_secs(59))];
     pods.push(busy_pod("idle", hour, Duration::from_secs(300)));
     assert!(gone(pods, &cost).is_empty());
+    // (The idle pod is the older, last in removal order: it would be the one kept.)
     let mut pods = vec![busy_pod("recent", hour, Duration::from_secs(60))];
-    pods.push(busy_pod("idle", hour, Duration::from_secs(300)));
+    pods.push(busy_pod("idle", hour * 2, Duration::from_secs(300)));
     assert!(gone(pods, &cost).contains(&"idle".to_owned()));
     // A pod still warming up does not count as serving, even when it has served.
     let pods = vec![
