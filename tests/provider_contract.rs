@@ -896,3 +896,30 @@ async fn shutdown_cancels_a_call_waiting_out_a_long_retry_after() {
     assert_eq!(err, ProviderError::Cancelled { op: "list".into() });
     assert!(!err.is_retryable());
 }
+
+#[tokio::test]
+async fn create_waits_out_a_rate_limit_but_returns_an_ambiguous_failure_untouched() {
+    // A 429 created nothing: `create` waits it out and sends again.
+    let e = env(Faults {
+        rate_limit_next: 1,
+        retry_after_secs: 1,
+        ..Faults::default()
+    })
+    .await;
+    let pod = e.client.create(&spec("limited")).await.unwrap();
+    assert_eq!(pod.name, "rpa-limited");
+    assert_eq!(e.emu.admin_pods().len(), 1);
+    assert_eq!(e.sleeper.waits().len(), 1);
+    assert!(e.sleeper.waits()[0] >= Duration::from_secs(1));
+
+    // A 500 after the pod was made is ambiguous: `create` neither looks the pod up nor sends
+    // again (its caller resolves it from the claim it persisted), so exactly one pod exists.
+    e.emu.set_faults(Faults {
+        error_after_create: 1,
+        ..Faults::default()
+    });
+    let err = e.client.create(&spec("ambiguous")).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Transient { .. }), "{err:?}");
+    assert_eq!(e.emu.admin_pods().len(), 2);
+    assert_eq!(e.sleeper.waits().len(), 1, "no lookup window, no retry");
+}

@@ -591,36 +591,26 @@ impl RunPodClient {
     /// One create for a caller that resolves ambiguity itself: rate limits are waited out
     /// (nothing was created), anything else ends the call; a spot rent is read once.
     async fn create_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
-        let owner = &self.settings.owner;
-        let full_name = format!("{}{}", owner.name_prefix, spec.name);
-        let mut env = spec.env.clone();
-        env.insert(OwnerMarker::ENV.to_owned(), owner.owner.clone());
-        let policy = &self.settings.retry;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let err = match self
-                .create_once(budget, spec, &full_name, &env, Wait::No)
-                .await
-            {
-                Ok(p) => return Ok(p),
-                Err(e) => e,
-            };
-            match &err {
-                ProviderError::RateLimited { retry_after }
-                    if *retry_after <= policy.max_retry_after && attempt < policy.max_attempts =>
-                {
-                    let wait = (*retry_after).max(policy.backoff(attempt));
-                    if !self.wait(budget, wait).await {
-                        return Err(err);
-                    }
-                }
-                _ => return Err(err),
-            }
-        }
+        self.create_retrying(budget, spec, Wait::No, Ambiguous::Fail)
+            .await
     }
 
+    /// A create that resolves ambiguity by looking the pod up by its unique name.
     async fn launch_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
+        self.create_retrying(budget, spec, Wait::ForListing, Ambiguous::LookUp)
+            .await
+    }
+
+    /// Creates `spec` under our owner's name prefix and marker, retrying what is safe to send
+    /// again: a rate limit (rejected before anything was created) and, with
+    /// [`Ambiguous::LookUp`], a transient failure after which the pod is not found by name.
+    async fn create_retrying(
+        &self,
+        budget: &Budget,
+        spec: &LaunchSpec,
+        wait_for: Wait,
+        ambiguous: Ambiguous,
+    ) -> Result<Pod, ProviderError> {
         let owner = &self.settings.owner;
         let full_name = format!("{}{}", owner.name_prefix, spec.name);
         let mut env = spec.env.clone();
@@ -630,7 +620,7 @@ impl RunPodClient {
         loop {
             attempt += 1;
             let err = match self
-                .create_once(budget, spec, &full_name, &env, Wait::ForListing)
+                .create_once(budget, spec, &full_name, &env, wait_for)
                 .await
             {
                 Ok(p) => return Ok(p),
@@ -643,7 +633,7 @@ impl RunPodClient {
                     // Rejected before anything was created: safe to send again.
                     (*retry_after).max(policy.backoff(attempt))
                 }
-                ProviderError::Transient { .. } => {
+                ProviderError::Transient { .. } if ambiguous == Ambiguous::LookUp => {
                     // Ambiguous: the pod may exist (RunPod has answered 500 to creates that
                     // did create a billing pod) and may not be listed yet. Look it up by its
                     // unique name over the propagation window before creating again.
@@ -796,6 +786,15 @@ enum Wait {
     ForListing,
     /// Not at all (`create`: the caller resolves from its own listings).
     No,
+}
+
+/// What a create does after a failure that may or may not have created the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ambiguous {
+    /// Look the pod up by its unique name; create again only when it is not there (`launch`).
+    LookUp,
+    /// Return the error (`create`: the caller's claim store resolves it).
+    Fail,
 }
 
 /// The deadline of one public call, on the client's clock.
