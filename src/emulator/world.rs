@@ -540,25 +540,7 @@ impl World {
             (None, "COMMUNITY") => gpu.community_price,
             (None, _) => gpu.secure_price,
             (Some(bid), cloud) => {
-                let floor = if cloud == "COMMUNITY" {
-                    gpu.community_spot_price
-                } else {
-                    gpu.secure_spot_price
-                };
-                let Some(floor) = floor else {
-                    return Err(Problem::new(
-                        400,
-                        "Bad Request",
-                        format!("{} has no spot offer", gpu.id),
-                    ));
-                };
-                if !(bid.is_finite() && bid + 1e-9 >= floor) {
-                    return Err(Problem::new(
-                        400,
-                        "Bad Request",
-                        format!("bid {bid} is below the minimum bid {floor}"),
-                    ));
-                }
+                check_bid(&gpu, cloud, bid)?;
                 bid
             }
         };
@@ -900,25 +882,7 @@ impl World {
         let Some(gpu) = self.gpu(&pod.gpu_type) else {
             return Err(Problem::not_found(id));
         };
-        let floor = if pod.cloud == "COMMUNITY" {
-            gpu.community_spot_price
-        } else {
-            gpu.secure_spot_price
-        };
-        let Some(floor) = floor else {
-            return Err(Problem::new(
-                400,
-                "Bad Request",
-                format!("{} has no spot offer", gpu.id),
-            ));
-        };
-        if !(bid.is_finite() && bid + 1e-9 >= floor) {
-            return Err(Problem::new(
-                400,
-                "Bad Request",
-                format!("bid {bid} is below the minimum bid {floor}"),
-            ));
-        }
+        check_bid(gpu, &pod.cloud, bid)?;
         let (old_bid, old_price) = (pod.bid, pod.price);
         if let Some(p) = self.pods.get_mut(id) {
             p.bid = Some(bid);
@@ -1287,4 +1251,29 @@ fn actions(status: &PodState) -> Vec<&'static str> {
 
 fn fmt_time(t: Timestamp) -> String {
     humantime::format_rfc3339_seconds(t.to_system()).to_string()
+}
+
+/// A spot bid on `gpu` in `cloud` is valid when that cloud has a spot offer for it and the bid
+/// is a finite amount at least its floor (the minimum bid).
+fn check_bid(gpu: &GpuSpec, cloud: &str, bid: f64) -> Result<(), Problem> {
+    let floor = if cloud == "COMMUNITY" {
+        gpu.community_spot_price
+    } else {
+        gpu.secure_spot_price
+    };
+    let Some(floor) = floor else {
+        return Err(Problem::new(
+            400,
+            "Bad Request",
+            format!("{} has no spot offer", gpu.id),
+        ));
+    };
+    if !(bid.is_finite() && bid + 1e-9 >= floor) {
+        return Err(Problem::new(
+            400,
+            "Bad Request",
+            format!("bid {bid} is below the minimum bid {floor}"),
+        ));
+    }
+    Ok(())
 }

@@ -146,6 +146,16 @@ def test_spot_rent_with_inline_arguments_and_bid_resume(emu):
     assert resumed == {"id": pid, "desiredStatus": "RUNNING", "costPerHr": 0.5}
     with pytest.raises(rp_error.QueryError, match="minimum bid"):
         run_graphql_query(SPOT.replace("0.2,", "0.01,").replace("sdk-spot", "sdk-low"))
+    # A GPU type with no spot offer cannot be rented at any bid.
+    with pytest.raises(rp_error.QueryError, match="NVIDIA H200 has no spot offer"):
+        run_graphql_query(SPOT.replace("NVIDIA RTX A5000", "NVIDIA H200").replace("sdk-spot", "sdk-h200"))
+    # Resuming below the floor is refused the same way, and the pod stays stopped.
+    assert runpod.stop_pod(pid)["desiredStatus"] == "EXITED"
+    with pytest.raises(rp_error.QueryError, match="bid 0.01 is below the minimum bid"):
+        run_graphql_query(
+            f'mutation {{ podBidResume(input: {{podId: "{pid}", bidPerGpu: 0.01, gpuCount: 2}})'
+            " { id desiredStatus } }")
+    assert runpod.get_pod(pid)["desiredStatus"] == "EXITED"
 
 
 def test_variables_aliases_operation_names_and_fragments(emu):
