@@ -16,6 +16,35 @@ BINARY = pathlib.Path(os.environ.get("RPA_BINARY", ROOT / "target" / "debug" / "
 KEY = "rpa_py_test_key_0123456789"
 
 
+def wait_for(pred, what, timeout=15.0, interval=0.05):
+    """Polls `pred()` every `interval` seconds until truthy and returns its value; the timeout
+    is only a guard."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def policy_toml(lag):
+    """The `[policy]` and `[signals]` blocks the CLI tests share: at most 2 one-GPU RTX A5000
+    pods ($0.26/h, $2/h in all), 100 jobs of lag per GPU, and a static queue lag of `lag`."""
+    return f"""[policy]
+max_pods = 2
+max_usd_per_hour = 2.0
+gpu_type = "NVIDIA RTX A5000"
+pod_usd_per_hour = 0.26
+lag_per_gpu = 100
+[signals]
+poll_interval = "300ms"
+[signals.queue]
+source = "static"
+value = {lag}
+"""
+
+
 class Emulator:
     def __init__(self, config_text=""):
         assert BINARY.exists(), f"{BINARY} missing: build with `cargo build` first"
@@ -53,13 +82,7 @@ class Emulator:
 
     def wait_for(self, pred, what, timeout=15.0):
         """Polls `pred()` until truthy; the timeout is only a guard."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(pred, what, timeout)
 
     def stop(self):
         if self.proc.poll() is None:

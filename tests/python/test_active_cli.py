@@ -9,28 +9,16 @@ import pathlib
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 
 import pytest
 
-from emulator_proc import BINARY, KEY, Emulator
+from emulator_proc import BINARY, KEY, Emulator, policy_toml, wait_for
 
 CONFIG = """
 [service]
 tick_interval = "300ms"
-[policy]
-max_pods = 2
-max_usd_per_hour = 2.0
-gpu_type = "NVIDIA RTX A5000"
-pod_usd_per_hour = 0.26
-lag_per_gpu = 100
-[signals]
-poll_interval = "300ms"
-[signals.queue]
-source = "static"
-value = {lag}
-[reconcile]
+{policy}[reconcile]
 mode = "active"
 cluster = "py"
 state_dir = "{state}"
@@ -52,7 +40,7 @@ def setup():
 
     def config(lag):
         path = d / f"config-{lag}.toml"
-        path.write_text(CONFIG.format(lag=lag, state=d / "state", key=key))
+        path.write_text(CONFIG.format(policy=policy_toml(lag), state=d / "state", key=key))
         return path
 
     yield emu, d, config
@@ -68,16 +56,6 @@ def env_for(emu):
 def get(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.load(r)
-
-
-def wait(pred, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_active_serve_buys_and_joins_and_pods_list_shows_slot_join_and_health(setup):
@@ -98,7 +76,7 @@ def test_active_serve_buys_and_joins_and_pods_list_shows_slot_join_and_health(se
             fleet = plan["fleet"]
             return plan if len(fleet) == 2 and all(e["ready"] for e in fleet) else None
 
-        plan = wait(joined, "two pods bought, bootstrapped and healthy")
+        plan = wait_for(joined, "two pods bought, bootstrapped and healthy", timeout=60.0, interval=0.2)
         assert plan["mode"] == "active"
         slots = sorted(e["claim"]["slot"] for e in plan["fleet"])
         assert slots == [0, 1]

@@ -12,21 +12,10 @@ import subprocess
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from emulator_proc import BINARY, Emulator
+from emulator_proc import BINARY, Emulator, policy_toml
 
 CONFIG = """
-[policy]
-max_pods = 2
-max_usd_per_hour = 2.0
-gpu_type = "NVIDIA RTX A5000"
-pod_usd_per_hour = 0.26
-lag_per_gpu = 100
-[signals]
-poll_interval = "300ms"
-[signals.queue]
-source = "static"
-value = 300
-[reconcile]
+{policy}[reconcile]
 state_dir = "{state}"
 ssh_key_file = "{key}"
 ssh_host_keys = ["{host_key}"]
@@ -52,7 +41,7 @@ def start_pod(emu, tmp_path):
     emu.wait_for(ready, "the pod to be RUNNING with SSH")
     _, _, host = emu.request("GET", "/admin/host-key")
     config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(state=tmp_path / "state", key=key, host_key=host["hostKey"]))
+    config.write_text(CONFIG.format(policy=policy_toml(300), state=tmp_path / "state", key=key, host_key=host["hostKey"]))
     return pod["id"], config
 
 
