@@ -589,12 +589,15 @@ impl PodAccess {
     async fn upload_file(
         &self,
         sftp: &Arc<SftpSession>,
-        pod: &str,
-        target: &SshTarget,
+        job: FileJob<'_>,
         it: &Item,
-        settings: &TransferSettings,
-        progress: &Progress,
     ) -> Result<(FileReport, Tally), AccessError> {
+        let FileJob {
+            pod,
+            target,
+            settings,
+            progress,
+        } = job;
         let chunk = settings.chunk_size.max(1);
         let part = format!("{}{PART_SUFFIX}", it.remote);
         let journal = format!("{}{JOURNAL_SUFFIX}", it.remote);
@@ -784,6 +787,12 @@ impl PodAccess {
             Direction::Download => "download",
         };
         let progress = Progress::new(settings.progress, total, what);
+        let job = FileJob {
+            pod,
+            target,
+            settings,
+            progress: &progress,
+        };
         let mut sftp = Arc::new(sftp);
         let mut reports = Vec::new();
         let mut sent_bytes = 0;
@@ -792,15 +801,9 @@ impl PodAccess {
             loop {
                 let span = tracing::info_span!("sftp.transfer", direction = what, pod, remote = %it.remote, bytes = it.size);
                 let done = match direction {
-                    Direction::Upload => {
-                        self.upload_file(&sftp, pod, target, it, settings, &progress)
-                            .instrument(span)
-                            .await
-                    }
+                    Direction::Upload => self.upload_file(&sftp, job, it).instrument(span).await,
                     Direction::Download => {
-                        self.download_file(&sftp, pod, target, it, settings, &progress)
-                            .instrument(span)
-                            .await
+                        self.download_file(&sftp, job, it).instrument(span).await
                     }
                 };
                 match done {
@@ -834,12 +837,15 @@ impl PodAccess {
     async fn download_file(
         &self,
         sftp: &Arc<SftpSession>,
-        pod: &str,
-        target: &SshTarget,
+        job: FileJob<'_>,
         it: &Item,
-        settings: &TransferSettings,
-        progress: &Progress,
     ) -> Result<(FileReport, Tally), AccessError> {
+        let FileJob {
+            pod,
+            target,
+            settings,
+            progress,
+        } = job;
         let chunk = settings.chunk_size.max(1);
         let part = part_path(&it.local);
         let journal = journal_path(&it.local);
@@ -1081,6 +1087,16 @@ async fn walk_remote(
     }
     items.sort_by(|a, b| a.remote.cmp(&b.remote));
     Ok((items, dirs))
+}
+
+/// What every file of one transfer shares: the pod, its SSH endpoint, the settings and the
+/// progress display (the SFTP session is passed apart: a retry opens a new one).
+#[derive(Clone, Copy)]
+struct FileJob<'a> {
+    pod: &'a str,
+    target: &'a SshTarget,
+    settings: &'a TransferSettings,
+    progress: &'a Progress,
 }
 
 #[cfg(test)]
