@@ -351,30 +351,32 @@ fn scale_down(
     remaining.sort_by(|a, b| removal_order(a, b));
     let mut pods_left = count(remaining.iter());
     let mut not_idle = 0u32;
-    // Idle pods (warmed up, not serving) in removal order; the last `kept` of them are the
-    // steady load's marginal pods.
-    let warm = |p: &PodView| !p.is_warming(now, rules.warmup_grace);
-    let serving = count(
-        remaining
-            .iter()
-            .filter(|p| warm(p) && p.idle_for(now) < SERVING_WITHIN),
-    );
-    let idle = count(
-        remaining
-            .iter()
-            .filter(|p| warm(p) && p.idle_for(now) >= SERVING_WITHIN),
-    );
-    let kept = rules.steady.map_or(0, |s| {
-        (f64::from(serving) * s.per_serving)
+    // A warmed-up pod is serving when busy within SERVING_WITHIN, else idle. Under a steady
+    // load the last idle pods in removal order are its marginal ones: the first
+    // `short_first` idle pods keep the short timeout, the rest wait the steady one.
+    let idle_now =
+        |p: &PodView| !p.is_warming(now, rules.warmup_grace) && p.idle_for(now) >= SERVING_WITHIN;
+    let mut steady = rules.steady.map(|s| {
+        let warm = count(
+            remaining
+                .iter()
+                .filter(|p| !p.is_warming(now, rules.warmup_grace)),
+        );
+        let idle = count(remaining.iter().filter(|p| idle_now(p)));
+        let kept = (f64::from(warm - idle) * s.per_serving)
             .ceil()
-            .min(f64::from(u32::MAX)) as u32
+            .min(f64::from(u32::MAX)) as u32;
+        (s.idle_timeout, idle.saturating_sub(kept))
     });
-    let mut idle_seen = 0u32;
     remaining.retain(|pod| {
-        let marginal = match rules.steady {
-            Some(steady) if warm(pod) && pod.idle_for(now) >= SERVING_WITHIN => {
-                idle_seen += 1;
-                (idle_seen + kept > idle).then_some(steady.idle_timeout)
+        let marginal = match steady.as_mut() {
+            Some((timeout, short_first)) if idle_now(pod) => {
+                if *short_first > 0 {
+                    *short_first -= 1;
+                    None
+                } else {
+                    Some(*timeout)
+                }
             }
             _ => None,
         };
