@@ -591,25 +591,22 @@ impl RunPodClient {
     /// One create for a caller that resolves ambiguity itself: rate limits are waited out
     /// (nothing was created), anything else ends the call; a spot rent is read once.
     async fn create_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
-        self.create_retrying(budget, spec, Wait::No, Ambiguous::Fail)
-            .await
+        self.create_retrying(budget, spec, Resolver::Caller).await
     }
 
     /// A create that resolves ambiguity by looking the pod up by its unique name.
     async fn launch_in(&self, budget: &Budget, spec: &LaunchSpec) -> Result<Pod, ProviderError> {
-        self.create_retrying(budget, spec, Wait::ForListing, Ambiguous::LookUp)
-            .await
+        self.create_retrying(budget, spec, Resolver::Client).await
     }
 
     /// Creates `spec` under our owner's name prefix and marker, retrying what is safe to send
     /// again: a rate limit (rejected before anything was created) and, with
-    /// [`Ambiguous::LookUp`], a transient failure after which the pod is not found by name.
+    /// [`Resolver::Client`], a transient failure after which the pod is not found by name.
     async fn create_retrying(
         &self,
         budget: &Budget,
         spec: &LaunchSpec,
-        wait_for: Wait,
-        ambiguous: Ambiguous,
+        resolver: Resolver,
     ) -> Result<Pod, ProviderError> {
         let owner = &self.settings.owner;
         let full_name = format!("{}{}", owner.name_prefix, spec.name);
@@ -620,7 +617,7 @@ impl RunPodClient {
         loop {
             attempt += 1;
             let err = match self
-                .create_once(budget, spec, &full_name, &env, wait_for)
+                .create_once(budget, spec, &full_name, &env, resolver)
                 .await
             {
                 Ok(p) => return Ok(p),
@@ -633,7 +630,7 @@ impl RunPodClient {
                     // Rejected before anything was created: safe to send again.
                     (*retry_after).max(policy.backoff(attempt))
                 }
-                ProviderError::Transient { .. } if ambiguous == Ambiguous::LookUp => {
+                ProviderError::Transient { .. } if resolver == Resolver::Client => {
                     // Ambiguous: the pod may exist (RunPod has answered 500 to creates that
                     // did create a billing pod) and may not be listed yet. Look it up by its
                     // unique name over the propagation window before creating again.
@@ -666,7 +663,7 @@ impl RunPodClient {
         spec: &LaunchSpec,
         full_name: &str,
         env: &BTreeMap<String, String>,
-        wait: Wait,
+        resolver: Resolver,
     ) -> Result<Pod, ProviderError> {
         let gpu = spec.gpu_type.as_str();
         match spec.spot_bid_per_gpu {
@@ -745,7 +742,7 @@ impl RunPodClient {
                     ssh: None,
                     env: env.clone(),
                 };
-                Ok(self.read_new_pod(budget, known, wait).await)
+                Ok(self.read_new_pod(budget, known, resolver).await)
             }
         }
     }
@@ -753,9 +750,9 @@ impl RunPodClient {
     /// Reads a pod just rented. A 404 right after creation is RunPod's listing lag, not a
     /// vanished pod: poll over the propagation window; if it is still invisible (or GET
     /// fails), return what is known.
-    async fn read_new_pod(&self, budget: &Budget, known: Pod, wait: Wait) -> Pod {
+    async fn read_new_pod(&self, budget: &Budget, known: Pod, resolver: Resolver) -> Pod {
         let mut waits = PropagationWaits::default();
-        if wait == Wait::No {
+        if resolver == Resolver::Caller {
             // One look; the caller's own listings catch up with the pod.
             waits.waited = PROPAGATION_WINDOW;
         }
@@ -779,22 +776,17 @@ impl RunPodClient {
     }
 }
 
-/// Whether a create waits for RunPod's listings to show a new pod.
+/// Who resolves what a create leaves open: RunPod's listing lag for a new pod, and a failure
+/// that may or may not have created one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    /// Over the propagation window (`launch`).
-    ForListing,
-    /// Not at all (`create`: the caller resolves from its own listings).
-    No,
-}
-
-/// What a create does after a failure that may or may not have created the pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ambiguous {
-    /// Look the pod up by its unique name; create again only when it is not there (`launch`).
-    LookUp,
-    /// Return the error (`create`: the caller's claim store resolves it).
-    Fail,
+enum Resolver {
+    /// This client (`launch`): it waits over the propagation window for a new pod to be
+    /// listed, and after an ambiguous failure looks the pod up by its unique name, creating
+    /// again only when it is not there.
+    Client,
+    /// The caller (`create`): one look at a new pod, and an ambiguous failure is returned; the
+    /// claim store resolves both from its own listings.
+    Caller,
 }
 
 /// The deadline of one public call, on the client's clock.
