@@ -19,7 +19,7 @@ mod cli;
 use runpod_autoscaler::checkpoint::S3Store;
 use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::{public_key_path, Config, JoinMode, LogFormat, Mode};
-use runpod_autoscaler::decide::PolicyKind;
+use runpod_autoscaler::decide::{Policy, PolicyKind};
 use runpod_autoscaler::join::pod::SshShell;
 use runpod_autoscaler::join::SshKey;
 use runpod_autoscaler::model::Secret;
@@ -32,7 +32,7 @@ use runpod_autoscaler::reconcile::{
 };
 use runpod_autoscaler::scaler::TlsMaterial;
 use runpod_autoscaler::service::{self, ServiceParts};
-use runpod_autoscaler::simulate::{self, SimParams, Trace};
+use runpod_autoscaler::simulate::{self, SimParams, TimelineWriter, Trace};
 use runpod_autoscaler::telemetry::Metrics;
 
 #[derive(Parser)]
@@ -79,6 +79,10 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Also write each replay's per-tick timeline to this CSV file: what the planner saw
+        /// (backlog, p95, violated), what it did (launched, terminated, pods) and what it cost.
+        #[arg(long, value_name = "CSV")]
+        timeline: Option<PathBuf>,
     },
     /// Run the RunPod API emulator (REST v2 + GraphQL subset, sshd-backed pods, faults).
     #[cfg(feature = "emulator")]
@@ -291,7 +295,14 @@ fn main() -> ExitCode {
             policy,
             config,
             output,
-        } => run_simulation(&traces, policy, config.as_deref(), output),
+            timeline,
+        } => run_simulation(
+            &traces,
+            policy,
+            config.as_deref(),
+            output,
+            timeline.as_deref(),
+        ),
         #[cfg(feature = "emulator")]
         Command::Emulator {
             listen,
@@ -615,6 +626,7 @@ fn run_simulation(
     choice: PolicyChoice,
     config: Option<&Path>,
     output: Output,
+    timeline: Option<&Path>,
 ) -> Result<()> {
     let (base_policy, baseline_gpus) = match config {
         Some(path) => {
@@ -636,6 +648,18 @@ fn run_simulation(
         baseline_gpus,
         ..SimParams::default()
     };
+    // The timeline file is created before any replay, so a path that cannot be written fails
+    // at once instead of after the bounds are solved.
+    let writing = |p: &Path| format!("writing the timeline to {}", p.display());
+    let mut timeline_out = match timeline {
+        Some(p) => Some((
+            p,
+            TimelineWriter::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| writing(p))?,
+            )),
+        )),
+        None => None,
+    };
     let mut results = Vec::new();
     for path in traces {
         let trace =
@@ -644,6 +668,16 @@ fn run_simulation(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
+        if let Some((p, out)) = timeline_out.as_mut() {
+            for &kind in &kinds {
+                let policy = Policy {
+                    kind,
+                    ..base_policy.clone()
+                };
+                let (_, ticks) = simulate::replay(&trace, &policy, &params);
+                out.write(&name, kind, &ticks).with_context(|| writing(p))?;
+            }
+        }
         results.push(simulate::compare(
             &name,
             &trace,
@@ -651,6 +685,9 @@ fn run_simulation(
             &kinds,
             &params,
         ));
+    }
+    if let Some((p, out)) = timeline_out {
+        out.finish().with_context(|| writing(p))?;
     }
     match output {
         Output::Text => print!("{}", simulate::render_table(&results)),

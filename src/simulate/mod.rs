@@ -29,7 +29,7 @@ mod trace;
 mod tests;
 
 pub use bound::{lower_bound, lower_bound_where, BoundError, LowerBound};
-pub use trace::{Trace, TraceError};
+pub use trace::{TimelineError, TimelineWriter, Trace, TraceError};
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -129,29 +129,36 @@ pub struct SimReport {
     pub duration_minutes: f64,
 }
 
-/// One simulated tick, for tests.
+/// One simulated tick of a replay: what the planner saw, what it did and what the world did
+/// ([`replay`]; written as CSV by [`TimelineWriter`]).
 #[derive(Debug, Clone, PartialEq)]
-struct TickRecord {
-    /// Tick start.
-    at: Timestamp,
+pub struct TickRecord {
+    /// Tick start, on the trace's clock.
+    pub at: Timestamp,
+    /// The wall-clock minute (from trace start) the tick falls in.
+    pub minute: u64,
     /// Backlog the planner saw.
-    queue_observed: f64,
+    pub queue_observed: f64,
     /// Modeled p95 the planner saw (seconds).
-    p95_seconds: f64,
+    pub p95_seconds: f64,
+    /// Whether that p95 was above the objective (the tick's minute is a violation minute).
+    pub violated: bool,
     /// Pods launched by this tick's plan.
-    launched: usize,
+    pub launched: usize,
+    /// Pods terminated by this tick's plan.
+    pub terminated: usize,
     /// Pods existing after the plan.
-    pods: usize,
+    pub pods: usize,
     /// GPUs of running pods while serving.
-    running_gpus: u32,
+    pub running_gpus: u32,
     /// Spend rate of existing pods after the plan.
-    usd_per_hour: f64,
+    pub usd_per_hour: f64,
     /// Jobs served by the baseline.
-    served_baseline: f64,
+    pub served_baseline: f64,
     /// Jobs served by pods.
-    served_pods: f64,
+    pub served_pods: f64,
     /// Backlog after serving.
-    queue_after: f64,
+    pub queue_after: f64,
 }
 
 /// A simulated RunPod pod.
@@ -296,7 +303,7 @@ fn minute_of(tick: &Tick, start_ms: u64) -> u64 {
 /// Replays `trace` through [`crate::decide::decide`] with `policy`; see the module
 /// documentation for the model. Pure and deterministic.
 pub fn simulate(trace: &Trace, policy: &Policy, params: &SimParams) -> SimReport {
-    run(trace, policy, params).0
+    replay(trace, policy, params).0
 }
 
 /// Served work this small is float dust: it does not make a pod busy.
@@ -313,8 +320,8 @@ fn sane(x: f64) -> f64 {
     }
 }
 
-/// [`simulate`], also returning the per-tick timeline.
-fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<TickRecord>) {
+/// [`simulate`], also returning the per-tick timeline (one record per tick, in order).
+pub fn replay(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<TickRecord>) {
     let tick = Duration::from_millis(tick_ms(params));
     let per_gpu_per_s = sane(params.jobs_per_gpu_per_minute) / 60.0;
     let baseline = params.baseline_gpus;
@@ -389,6 +396,7 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
         };
         let plan = decide(&view, &signals, policy, now);
         let mut launched = 0;
+        let mut terminated = 0;
         for step in plan.steps {
             match step {
                 Step::Launch {
@@ -406,7 +414,11 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
                         last_busy_at: None,
                     });
                 }
-                Step::Terminate { pod, .. } => pods.retain(|p| p.id != pod),
+                Step::Terminate { pod, .. } => {
+                    let before = pods.len();
+                    pods.retain(|p| p.id != pod);
+                    terminated += before - pods.len();
+                }
             }
         }
         boot(&mut pods, now);
@@ -433,23 +445,26 @@ fn run(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport, Vec<Ti
         report.max_queue = report.max_queue.max(queue);
 
         // Cost.
-        let usd_per_hour: f64 = pods.iter().map(|p| p.usd_per_hour.dollars()).sum();
+        // An empty f64 sum is -0.0; adding 0.0 makes it the 0.0 a reader expects.
+        let usd_per_hour = pods.iter().map(|p| p.usd_per_hour.dollars()).sum::<f64>() + 0.0;
         report.total_usd += usd_per_hour * dt_s / 3600.0;
 
         // SLO.
-        if p95 > policy.slo_p95_seconds {
-            let minute = minute_of(&input, start_ms);
-            if last_violation_minute != Some(minute) {
-                last_violation_minute = Some(minute);
-                report.slo_violation_minutes += 1;
-            }
+        let minute = minute_of(&input, start_ms);
+        let violated = p95 > policy.slo_p95_seconds;
+        if violated && last_violation_minute != Some(minute) {
+            last_violation_minute = Some(minute);
+            report.slo_violation_minutes += 1;
         }
 
         timeline.push(TickRecord {
             at: now,
+            minute,
             queue_observed,
             p95_seconds: p95,
+            violated,
             launched,
+            terminated,
             pods: pods.len(),
             running_gpus: running_gpus(&pods),
             usd_per_hour,

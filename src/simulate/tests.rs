@@ -316,7 +316,7 @@ fn committed_traces_parse() {
 fn arrivals_are_conserved_and_partial_ticks_count() {
     // 100 s of trace with a 15 s tick: the last tick is 10 s long.
     let t = parse("time_s,arriving_jobs\n0,30\n50,20\n").unwrap();
-    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(1));
+    let (r, timeline) = replay(&t, &policy(PolicyKind::Target), &params(1));
     assert_eq!(timeline.len(), 7);
     assert!((r.jobs_arrived - 50.0).abs() < 1e-9, "{r:?}");
     let left = timeline.last().map_or(0.0, |t| t.queue_after);
@@ -351,7 +351,7 @@ fn a_single_spike_scales_up_then_back_to_min_pods() {
             min_pods,
             ..policy(PolicyKind::Target)
         };
-        let (r, timeline) = run(&single_spike(), &p, &params(2));
+        let (r, timeline) = replay(&single_spike(), &p, &params(2));
         assert!(r.pod_creations > u64::from(min_pods), "{r:?}");
         assert!(r.peak_pods > min_pods, "{r:?}");
         let during = timeline
@@ -378,7 +378,7 @@ fn pods_serve_nothing_before_the_boot_delay() {
         boot_delay: Duration::from_secs(120),
         ..params(0)
     };
-    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &sim);
+    let (r, timeline) = replay(&t, &policy(PolicyKind::Target), &sim);
     let first = timeline
         .iter()
         .find(|t| t.launched > 0)
@@ -412,7 +412,7 @@ fn the_budget_and_max_pods_are_never_exceeded() {
                 max_pods,
                 ..policy(kind)
             };
-            let (r, timeline) = run(&bursty_like(), &p, &params(2));
+            let (r, timeline) = replay(&bursty_like(), &p, &params(2));
             for tick in &timeline {
                 assert!(
                     tick.usd_per_hour <= max_usd + Usd::EPSILON,
@@ -431,8 +431,8 @@ fn the_budget_and_max_pods_are_never_exceeded() {
 #[test]
 fn runs_are_deterministic() {
     for kind in PolicyKind::ALL {
-        let a = run(&bursty_like(), &policy(kind), &params(2));
-        let b = run(&bursty_like(), &policy(kind), &params(2));
+        let a = replay(&bursty_like(), &policy(kind), &params(2));
+        let b = replay(&bursty_like(), &policy(kind), &params(2));
         assert_eq!(a, b, "{kind}");
     }
 }
@@ -460,8 +460,8 @@ fn after_a_burst_seed_scales_down_sooner_than_target() {
     // 30 quiet minutes, 10 minutes at 60 jobs/min, 60 quiet minutes; baseline 2 GPUs.
     let t = per_minute(100, |m| if (30..40).contains(&m) { 60.0 } else { 6.0 });
     let p_target = policy(PolicyKind::Target);
-    let (_, seed) = run(&t, &policy(PolicyKind::Seed), &params(2));
-    let (_, target) = run(&t, &p_target, &params(2));
+    let (_, seed) = replay(&t, &policy(PolicyKind::Seed), &params(2));
+    let (_, target) = replay(&t, &p_target, &params(2));
     let burst_end = 40 * 60_000;
     let seed_delay = scale_down_delay(&seed, burst_end).unwrap();
     let target_delay = scale_down_delay(&target, burst_end).unwrap();
@@ -501,7 +501,7 @@ fn the_trace_p95_is_used_and_violations_count_distinct_minutes() {
         service_seconds: 61.0,
         ..params(2)
     };
-    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &sim);
+    let (r, timeline) = replay(&t, &policy(PolicyKind::Target), &sim);
     assert_eq!(r.slo_violation_minutes, 2, "{timeline:?}");
     assert_eq!(timeline.len(), 16);
     assert_eq!(timeline[0].p95_seconds, 5.0);
@@ -514,7 +514,7 @@ fn violation_minutes_count_from_the_trace_start() {
     // The trace starts at 15 s; its second minute (75 s to 135 s) has a service p95 above the
     // SLO. That is one violation minute, not two halves of clock minutes.
     let t = parse("time_s,arriving_jobs,p95_s\n15,0,5\n75,0,70\n135,0,5\n").unwrap();
-    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    let (r, timeline) = replay(&t, &policy(PolicyKind::Target), &params(2));
     assert_eq!(r.slo_violation_minutes, 1, "{timeline:?}");
     let violated: Vec<_> = timeline.iter().filter(|t| t.p95_seconds > 60.0).collect();
     assert_eq!(violated.len(), 4, "{timeline:?}");
@@ -524,7 +524,7 @@ fn violation_minutes_count_from_the_trace_start() {
 #[test]
 fn a_p95_at_the_slo_is_no_violation() {
     let t = parse("time_s,arriving_jobs,p95_s\n0,0,60\n60,0,60.001\n").unwrap();
-    let (r, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    let (r, timeline) = replay(&t, &policy(PolicyKind::Target), &params(2));
     assert_eq!(r.slo_violation_minutes, 1, "{timeline:?}");
 }
 
@@ -539,7 +539,7 @@ fn a_pod_serves_its_gpus_times_the_rate() {
         jobs_per_gpu_per_minute: 8.0,
         ..params(0)
     };
-    let (_, timeline) = run(&per_minute(10, |_| 100.0), &p, &sim);
+    let (_, timeline) = replay(&per_minute(10, |_| 100.0), &p, &sim);
     let served: Vec<f64> = timeline.iter().map(|t| t.served_pods).collect();
     assert!(served.iter().all(|&s| s <= 4.0), "{served:?}");
     assert!(served.contains(&4.0), "{served:?}");
@@ -562,12 +562,12 @@ fn queue_wait_is_modeled_and_no_capacity_is_finite() {
         max_pods: 0,
         ..policy(PolicyKind::Target)
     };
-    let (r, timeline) = run(&t, &p, &params(0));
+    let (r, timeline) = replay(&t, &p, &params(0));
     assert_eq!(timeline[1].p95_seconds, 10.0 + NO_CAPACITY_WAIT_S);
     assert_eq!(r.jobs_completed, 0.0);
     // With 2 GPUs (8 jobs/min), a backlog of 8 jobs waits 60 s.
     let t = parse("time_s,arriving_jobs\n0,16\n15,0\n").unwrap();
-    let (_, timeline) = run(&t, &policy(PolicyKind::Target), &params(2));
+    let (_, timeline) = replay(&t, &policy(PolicyKind::Target), &params(2));
     assert!((timeline[1].queue_observed - 14.0).abs() < 1e-9);
     assert!((timeline[1].p95_seconds - (10.0 + 14.0 * 60.0 / 8.0)).abs() < 1e-9);
 }
@@ -844,6 +844,91 @@ fn arb_bound_case() -> impl proptest::strategy::Strategy<Value = BoundCase> {
         )
 }
 
+/// The timeline is the report, tick by tick: launches add up to the creations, violated ticks
+/// fall in exactly the violation minutes, the spend rate integrates to the spend.
+#[test]
+fn the_timeline_adds_up_to_the_report() {
+    let trace = bursty_like();
+    for kind in PolicyKind::ALL {
+        let (r, timeline) = replay(&trace, &policy(kind), &params(2));
+        assert_eq!(timeline.len(), 360 * 4, "{kind}");
+        let launched: usize = timeline.iter().map(|t| t.launched).sum();
+        let terminated: usize = timeline.iter().map(|t| t.terminated).sum();
+        assert_eq!(launched as u64, r.pod_creations, "{kind}");
+        assert!(terminated > 0, "{kind}: the bursts' pods are let go");
+        let last = timeline.last().map_or(0, |t| t.pods);
+        assert_eq!(launched - terminated, last, "{kind}");
+        let peak = timeline.iter().map(|t| t.pods).max().unwrap_or(0);
+        assert_eq!(peak as u32, r.peak_pods, "{kind}");
+        let mut minutes: Vec<u64> = timeline
+            .iter()
+            .filter(|t| t.violated)
+            .map(|t| t.minute)
+            .collect();
+        minutes.dedup();
+        assert_eq!(minutes.len() as u64, r.slo_violation_minutes, "{kind}");
+        for t in &timeline {
+            assert_eq!(t.minute, t.at.as_millis() / 60_000, "{kind}");
+            assert_eq!(t.violated, t.p95_seconds > 60.0, "{kind}");
+            assert!(
+                t.usd_per_hour.is_sign_positive(),
+                "{kind}: {}",
+                t.usd_per_hour
+            );
+        }
+        let usd: f64 = timeline
+            .iter()
+            .map(|t| t.usd_per_hour * 15.0 / 3600.0)
+            .sum();
+        assert!(
+            (usd - r.total_usd).abs() < 1e-9,
+            "{kind}: {usd} vs {}",
+            r.total_usd
+        );
+        let served: f64 = timeline
+            .iter()
+            .map(|t| t.served_baseline + t.served_pods)
+            .sum();
+        assert!((served - r.jobs_completed).abs() < 1e-6, "{kind}");
+    }
+}
+
+/// The timeline CSV: a header, then one row per tick of each replay in the order written,
+/// with a trace name that needs quoting quoted.
+#[test]
+fn the_timeline_csv_has_a_row_per_tick() {
+    let trace = per_minute(3, |m| if m == 1 { 40.0 } else { 0.0 });
+    let mut out = TimelineWriter::new(Vec::new());
+    for kind in [PolicyKind::Target, PolicyKind::Cost] {
+        let (_, ticks) = replay(&trace, &policy(kind), &params(1));
+        out.write("spike, small", kind, &ticks).unwrap();
+    }
+    let text = String::from_utf8(out.finish().unwrap()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "trace,policy,time_s,minute,queue_observed,p95_s,violated,launched,terminated,pods,\
+         running_gpus,usd_per_hour,served_baseline,served_pods,queue_after"
+    );
+    assert_eq!(lines.len(), 1 + 2 * 12);
+    assert_eq!(
+        lines[1],
+        "\"spike, small\",target,0.0,0,0.0,10.0,false,0,0,0,0,0.0,0.0,0.0,0.0"
+    );
+    assert!(
+        lines[13].starts_with("\"spike, small\",cost,0.0,0,"),
+        "{}",
+        lines[13]
+    );
+    // Minute 1 brings 10 jobs a tick; one baseline GPU serves 1. At 75 s the target policy sees
+    // 9 jobs (p95 10 + 9 / (1 × 4/60) = 145 s), wants ⌈9/3⌉ = 3 GPUs, launches 2 pods
+    // ($0.52/h, still booting), and 9 + 10 − 1 = 18 jobs wait after the tick.
+    assert_eq!(
+        lines[6],
+        "\"spike, small\",target,75.0,1,9.0,145.0,true,2,0,2,0,0.52,1.0,0.0,18.0"
+    );
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
 
@@ -869,7 +954,7 @@ proptest::proptest! {
         let bound = lower_bound(&trace, &p, &params).unwrap();
         for kind in PolicyKind::ALL {
             p.kind = kind;
-            let (report, timeline) = run(&trace, &p, &params);
+            let (report, timeline) = replay(&trace, &p, &params);
             let met: Vec<bool> = timeline.iter().map(|t| t.p95_seconds <= p.slo_p95_seconds).collect();
             let own = lower_bound_where(&trace, &p, &params, &met).unwrap();
             let slack = 1e-6 * (1.0 + report.total_usd);
@@ -881,6 +966,36 @@ proptest::proptest! {
             if report.slo_violation_minutes == bound.violation_minutes {
                 proptest::prop_assert!(bound.usd <= report.total_usd + slack,
                     "{kind}: bound {} above its cost {}", bound.usd, report.total_usd);
+            }
+        }
+    }
+
+    /// Every policy is reactive: it launches only at a tick whose observed backlog is above
+    /// zero or whose p95 is above the objective, never on an empty queue within the SLO (no
+    /// pod is bought without a signal asking for it).
+    #[test]
+    fn no_policy_launches_without_a_signal(case in arb_bound_case()) {
+        let rates = case.rates.clone();
+        let trace = per_minute(rates.len() as u64, |m| rates[m as usize].round());
+        let mut p = default_policy();
+        p.max_pods = case.max_pods;
+        p.max_launches_per_tick = case.launches;
+        p.pod.gpus = case.gpus;
+        p.slo_p95_seconds = case.slo_s;
+        let params = SimParams {
+            tick: Duration::from_secs(case.tick_s),
+            boot_delay: Duration::from_secs(case.boot_s),
+            jobs_per_gpu_per_minute: 4.0,
+            service_seconds: case.service_s,
+            baseline_gpus: case.baseline,
+        };
+        for kind in PolicyKind::ALL {
+            p.kind = kind;
+            let (_, timeline) = replay(&trace, &p, &params);
+            for t in timeline.iter().filter(|t| t.launched > 0) {
+                proptest::prop_assert!(t.queue_observed > 0.0 || t.violated,
+                    "{kind} launched {} at {:?} on an empty queue with p95 {}",
+                    t.launched, t.at, t.p95_seconds);
             }
         }
     }

@@ -1,9 +1,13 @@
-//! Reading a trace: CSV with header `time_s,arriving_jobs[,p95_s]`, validated row by row.
+//! The simulator's CSV edges: reading a trace (header `time_s,arriving_jobs[,p95_s]`, validated
+//! row by row) and writing a replay's per-tick timeline.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use super::TickRecord;
+use crate::decide::PolicyKind;
 
 /// The header a trace must have (`p95_s` is optional).
 const EXPECTED_HEADER: &str = "time_s,arriving_jobs[,p95_s]";
@@ -295,5 +299,90 @@ impl Trace {
             Some(next) => next.time_ms,
             None => self.end_ms(),
         }
+    }
+}
+
+/// Why a timeline could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum TimelineError {
+    /// The CSV encoder or the output failed.
+    #[error("writing the timeline CSV: {0}")]
+    Csv(#[from] csv::Error),
+    /// Flushing the output failed.
+    #[error("writing the timeline CSV: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One tick of a timeline as written.
+#[derive(Serialize)]
+struct TimelineRow<'a> {
+    trace: &'a str,
+    policy: &'a str,
+    time_s: f64,
+    minute: u64,
+    queue_observed: f64,
+    p95_s: f64,
+    violated: bool,
+    launched: usize,
+    terminated: usize,
+    pods: usize,
+    running_gpus: u32,
+    usd_per_hour: f64,
+    served_baseline: f64,
+    served_pods: f64,
+    queue_after: f64,
+}
+
+/// Writes replays' timelines as one CSV for a spreadsheet or a plot: a header, then one row
+/// per tick of each replay in order (`trace,policy,time_s,minute,queue_observed,p95_s,violated,
+/// launched,terminated,pods,running_gpus,usd_per_hour,served_baseline,served_pods,queue_after`;
+/// `time_s` on the trace's clock).
+pub struct TimelineWriter<W: Write> {
+    csv: csv::Writer<W>,
+}
+
+impl<W: Write> TimelineWriter<W> {
+    /// A writer to `out` (the header comes with the first row).
+    pub fn new(out: W) -> Self {
+        TimelineWriter {
+            csv: csv::Writer::from_writer(out),
+        }
+    }
+
+    /// Appends one replay's ticks.
+    pub fn write(
+        &mut self,
+        trace: &str,
+        policy: PolicyKind,
+        ticks: &[TickRecord],
+    ) -> Result<(), TimelineError> {
+        let policy = policy.to_string();
+        for t in ticks {
+            self.csv.serialize(TimelineRow {
+                trace,
+                policy: &policy,
+                time_s: t.at.as_millis() as f64 / 1000.0,
+                minute: t.minute,
+                queue_observed: t.queue_observed,
+                p95_s: t.p95_seconds,
+                violated: t.violated,
+                launched: t.launched,
+                terminated: t.terminated,
+                pods: t.pods,
+                running_gpus: t.running_gpus,
+                usd_per_hour: t.usd_per_hour,
+                served_baseline: t.served_baseline,
+                served_pods: t.served_pods,
+                queue_after: t.queue_after,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Flushes what was written and returns the output.
+    pub fn finish(self) -> Result<W, TimelineError> {
+        self.csv
+            .into_inner()
+            .map_err(|e| TimelineError::Io(e.into_error()))
     }
 }
