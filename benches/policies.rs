@@ -24,7 +24,14 @@ fn main() {
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         let started = std::time::Instant::now();
-        comparisons.push(compare(&name, &trace, &policy, &PolicyKind::ALL, &params));
+        comparisons.push(compare(
+            &name,
+            &trace,
+            &policy,
+            &PolicyKind::ALL,
+            &params,
+            true,
+        ));
         eprintln!("{name}: replays and bound in {:.2?}", started.elapsed());
     }
     print!("{}", render_table(&comparisons));

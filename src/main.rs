@@ -83,6 +83,10 @@ enum Command {
         /// (backlog, p95, violated), what it did (launched, terminated, pods) and what it cost.
         #[arg(long, value_name = "CSV")]
         timeline: Option<PathBuf>,
+        /// Skip the clairvoyant lower bound (a linear program: seconds on a week-long trace,
+        /// where the replays take milliseconds); the table then has no `$ / bound`.
+        #[arg(long)]
+        no_bound: bool,
     },
     /// Run the RunPod API emulator (REST v2 + GraphQL subset, sshd-backed pods, faults).
     #[cfg(feature = "emulator")]
@@ -296,12 +300,14 @@ fn main() -> ExitCode {
             config,
             output,
             timeline,
+            no_bound,
         } => run_simulation(
             &traces,
             policy,
             config.as_deref(),
             output,
             timeline.as_deref(),
+            !no_bound,
         ),
         #[cfg(feature = "emulator")]
         Command::Emulator {
@@ -627,6 +633,7 @@ fn run_simulation(
     config: Option<&Path>,
     output: Output,
     timeline: Option<&Path>,
+    with_bound: bool,
 ) -> Result<()> {
     let (base_policy, baseline_gpus) = match config {
         Some(path) => {
@@ -684,6 +691,7 @@ fn run_simulation(
             &base_policy,
             &kinds,
             &params,
+            with_bound,
         ));
     }
     if let Some((p, out)) = timeline_out {

@@ -481,8 +481,8 @@ pub fn replay(trace: &Trace, policy: &Policy, params: &SimParams) -> (SimReport,
 pub struct Comparison {
     /// The trace's name (its file stem).
     pub trace: String,
-    /// The least any schedule could have spent ([`lower_bound`]); `None` when the solver
-    /// failed (see `bound_error`).
+    /// The least any schedule could have spent ([`lower_bound`]); `None` when it was not
+    /// asked for or the solver failed (see `bound_error`).
     pub bound: Option<LowerBound>,
     /// Why there is no bound.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -491,14 +491,16 @@ pub struct Comparison {
     pub results: Vec<SimReport>,
 }
 
-/// Replays `trace` with `policy` once per kind in `kinds` and computes the lower bound for the
-/// policy's limits and pod template.
+/// Replays `trace` with `policy` once per kind in `kinds` and, when `with_bound`, computes the
+/// lower bound for the policy's limits and pod template (a linear program: seconds on a
+/// week-long trace, where the replays take milliseconds).
 pub fn compare(
     name: &str,
     trace: &Trace,
     policy: &Policy,
     kinds: &[PolicyKind],
     params: &SimParams,
+    with_bound: bool,
 ) -> Comparison {
     let results = kinds
         .iter()
@@ -508,9 +510,13 @@ pub fn compare(
             simulate(trace, &policy, params)
         })
         .collect();
-    let (bound, bound_error) = match lower_bound(trace, policy, params) {
-        Ok(bound) => (Some(bound), None),
-        Err(e) => (None, Some(e.to_string())),
+    let (bound, bound_error) = if !with_bound {
+        (None, None)
+    } else {
+        match lower_bound(trace, policy, params) {
+            Ok(bound) => (Some(bound), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
     };
     Comparison {
         trace: name.to_owned(),

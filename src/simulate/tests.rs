@@ -592,6 +592,40 @@ fn odd_params_do_not_panic_or_hang() {
     assert!((r.jobs_arrived - t.rows.iter().map(|r| r.arriving_jobs).sum::<f64>()).abs() < 1e-6);
 }
 
+/// Without the bound the replays are the same, there is no bound row or ratio, and a note says
+/// the bound was not computed.
+#[test]
+fn a_comparison_without_the_bound_says_so() {
+    let with = compare(
+        "spike",
+        &single_spike(),
+        &policy(PolicyKind::Target),
+        &[PolicyKind::Cost],
+        &params(2),
+        true,
+    );
+    let without = compare(
+        "spike",
+        &single_spike(),
+        &policy(PolicyKind::Target),
+        &[PolicyKind::Cost],
+        &params(2),
+        false,
+    );
+    assert!(with.bound.is_some());
+    assert_eq!(
+        (without.bound.as_ref(), without.bound_error.as_ref()),
+        (None, None)
+    );
+    assert_eq!(with.results, without.results);
+    let table = render_table(&[without]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[1].starts_with("spike  cost"), "{table}");
+    assert_eq!(lines[1].split_whitespace().nth(3), Some("-"), "{table}");
+    assert_eq!(lines[3], "spike: no lower bound: not computed", "{table}");
+}
+
 #[test]
 fn the_table_is_aligned_and_reports_serialize() {
     let reports = vec![
@@ -601,6 +635,7 @@ fn the_table_is_aligned_and_reports_serialize() {
             &policy(PolicyKind::Target),
             &PolicyKind::ALL,
             &params(2),
+            true,
         ),
         compare(
             "quiet",
@@ -608,6 +643,7 @@ fn the_table_is_aligned_and_reports_serialize() {
             &policy(PolicyKind::Target),
             &[PolicyKind::Target],
             &params(2),
+            true,
         ),
     ];
     let table = render_table(&reports);

@@ -102,6 +102,21 @@ def test_simulate_timeline_to_an_unwritable_path_fails_first(tmp_path):
     assert r.stdout == ""  # no table: it fails before replaying
 
 
+def test_simulate_without_the_bound():
+    import json
+    spike = str(ROOT / "benches/traces/single_spike.csv")
+    r = run("simulate", "--trace", spike, "--no-bound", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out[0]["bound"] is None and "bound_error" not in out[0]
+    with_bound = json.loads(run("simulate", "--trace", spike, "--output", "json").stdout)
+    assert out[0]["results"] == with_bound[0]["results"]
+    r = run("simulate", "--trace", spike, "--no-bound", "--policy", "cost")
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("single_spike ")]
+    assert [row[1] for row in rows] == ["cost"] and rows[0][3] == "-"
+    assert "single_spike: no lower bound: not computed" in r.stdout
+
+
 def test_simulate_bad_trace_is_a_clear_error():
     import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
