@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use runpod_autoscaler::decide::PolicyKind;
-use runpod_autoscaler::simulate::{compare, default_policy, render_table, SimParams, Trace};
+use runpod_autoscaler::simulate::{
+    compare, default_policy, render_table, Extras, SimParams, Trace,
+};
 
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/traces");
@@ -30,7 +32,10 @@ fn main() {
             &policy,
             &PolicyKind::ALL,
             &params,
-            true,
+            Extras {
+                bound: true,
+                timelines: false,
+            },
         ));
         eprintln!("{name}: replays and bound in {:.2?}", started.elapsed());
     }

@@ -19,7 +19,7 @@ mod cli;
 use runpod_autoscaler::checkpoint::S3Store;
 use runpod_autoscaler::clock::SystemClock;
 use runpod_autoscaler::config::{public_key_path, Config, JoinMode, LogFormat, Mode};
-use runpod_autoscaler::decide::{Policy, PolicyKind};
+use runpod_autoscaler::decide::PolicyKind;
 use runpod_autoscaler::join::pod::SshShell;
 use runpod_autoscaler::join::SshKey;
 use runpod_autoscaler::model::Secret;
@@ -32,7 +32,7 @@ use runpod_autoscaler::reconcile::{
 };
 use runpod_autoscaler::scaler::TlsMaterial;
 use runpod_autoscaler::service::{self, ServiceParts};
-use runpod_autoscaler::simulate::{self, SimParams, TimelineWriter, Trace};
+use runpod_autoscaler::simulate::{self, Extras, SimParams, TimelineWriter, Trace};
 use runpod_autoscaler::telemetry::Metrics;
 
 #[derive(Parser)]
@@ -675,24 +675,20 @@ fn run_simulation(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
+        let extras = Extras {
+            bound: with_bound,
+            timelines: timeline_out.is_some(),
+        };
+        let mut comparison =
+            simulate::compare(&name, &trace, &base_policy, &kinds, &params, extras);
         if let Some((p, out)) = timeline_out.as_mut() {
-            for &kind in &kinds {
-                let policy = Policy {
-                    kind,
-                    ..base_policy.clone()
-                };
-                let (_, ticks) = simulate::replay(&trace, &policy, &params);
-                out.write(&name, kind, &ticks).with_context(|| writing(p))?;
+            // Written trace by trace, so only one trace's timelines are ever held.
+            for (kind, ticks) in kinds.iter().zip(std::mem::take(&mut comparison.timelines)) {
+                out.write(&name, *kind, &ticks)
+                    .with_context(|| writing(p))?;
             }
         }
-        results.push(simulate::compare(
-            &name,
-            &trace,
-            &base_policy,
-            &kinds,
-            &params,
-            with_bound,
-        ));
+        results.push(comparison);
     }
     if let Some((p, out)) = timeline_out {
         out.finish().with_context(|| writing(p))?;

@@ -489,28 +489,45 @@ pub struct Comparison {
     pub bound_error: Option<String>,
     /// One replay per policy kind, in the order asked.
     pub results: Vec<SimReport>,
+    /// Each replay's per-tick timeline, in the order of `results`, when asked for (else empty).
+    #[serde(skip)]
+    pub timelines: Vec<Vec<TickRecord>>,
 }
 
-/// Replays `trace` with `policy` once per kind in `kinds` and, when `with_bound`, computes the
-/// lower bound for the policy's limits and pod template (a linear program: seconds on a
-/// week-long trace, where the replays take milliseconds).
+/// What [`compare`] computes beside each policy's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extras {
+    /// The clairvoyant lower bound: a linear program, seconds on a week-long trace where the
+    /// replays take milliseconds.
+    pub bound: bool,
+    /// Each replay's per-tick timeline ([`Comparison::timelines`]).
+    pub timelines: bool,
+}
+
+/// Replays `trace` with `policy` once per kind in `kinds` and adds the `extras` asked for: the
+/// lower bound for the policy's limits and pod template, the replays' timelines.
 pub fn compare(
     name: &str,
     trace: &Trace,
     policy: &Policy,
     kinds: &[PolicyKind],
     params: &SimParams,
-    with_bound: bool,
+    extras: Extras,
 ) -> Comparison {
-    let results = kinds
-        .iter()
-        .map(|&kind| {
-            let mut policy = policy.clone();
-            policy.kind = kind;
-            simulate(trace, &policy, params)
-        })
-        .collect();
-    let (bound, bound_error) = if !with_bound {
+    let mut results = Vec::with_capacity(kinds.len());
+    let mut timelines = Vec::new();
+    for &kind in kinds {
+        let policy = Policy {
+            kind,
+            ..policy.clone()
+        };
+        let (report, timeline) = replay(trace, &policy, params);
+        results.push(report);
+        if extras.timelines {
+            timelines.push(timeline);
+        }
+    }
+    let (bound, bound_error) = if !extras.bound {
         (None, None)
     } else {
         match lower_bound(trace, policy, params) {
@@ -523,6 +540,7 @@ pub fn compare(
         bound,
         bound_error,
         results,
+        timelines,
     }
 }
 

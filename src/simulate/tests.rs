@@ -593,7 +593,7 @@ fn odd_params_do_not_panic_or_hang() {
 }
 
 /// Without the bound the replays are the same, there is no bound row or ratio, and a note says
-/// the bound was not computed.
+/// the bound was not computed. Timelines come only when asked for.
 #[test]
 fn a_comparison_without_the_bound_says_so() {
     let with = compare(
@@ -602,7 +602,10 @@ fn a_comparison_without_the_bound_says_so() {
         &policy(PolicyKind::Target),
         &[PolicyKind::Cost],
         &params(2),
-        true,
+        Extras {
+            bound: true,
+            timelines: true,
+        },
     );
     let without = compare(
         "spike",
@@ -610,7 +613,10 @@ fn a_comparison_without_the_bound_says_so() {
         &policy(PolicyKind::Target),
         &[PolicyKind::Cost],
         &params(2),
-        false,
+        Extras {
+            bound: false,
+            timelines: false,
+        },
     );
     assert!(with.bound.is_some());
     assert_eq!(
@@ -618,6 +624,10 @@ fn a_comparison_without_the_bound_says_so() {
         (None, None)
     );
     assert_eq!(with.results, without.results);
+    // Timelines only when asked for, one per result, the same as a replay's.
+    assert!(without.timelines.is_empty());
+    let (_, timeline) = replay(&single_spike(), &policy(PolicyKind::Cost), &params(2));
+    assert_eq!(with.timelines, vec![timeline]);
     let table = render_table(&[without]);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
@@ -625,6 +635,11 @@ fn a_comparison_without_the_bound_says_so() {
     assert_eq!(lines[1].split_whitespace().nth(3), Some("-"), "{table}");
     assert_eq!(lines[3], "spike: no lower bound: not computed", "{table}");
 }
+
+const BOUND_ONLY: Extras = Extras {
+    bound: true,
+    timelines: false,
+};
 
 #[test]
 fn the_table_is_aligned_and_reports_serialize() {
@@ -635,7 +650,7 @@ fn the_table_is_aligned_and_reports_serialize() {
             &policy(PolicyKind::Target),
             &PolicyKind::ALL,
             &params(2),
-            true,
+            BOUND_ONLY,
         ),
         compare(
             "quiet",
@@ -643,7 +658,7 @@ fn the_table_is_aligned_and_reports_serialize() {
             &policy(PolicyKind::Target),
             &[PolicyKind::Target],
             &params(2),
-            true,
+            BOUND_ONLY,
         ),
     ];
     let table = render_table(&reports);
@@ -849,6 +864,26 @@ struct BoundCase {
     service_s: f64,
 }
 
+impl BoundCase {
+    /// The case's trace, policy (the reference one with the case's limits) and world.
+    fn world(&self) -> (Trace, Policy, SimParams) {
+        let trace = per_minute(self.rates.len() as u64, |m| self.rates[m as usize].round());
+        let mut p = default_policy();
+        p.max_pods = self.max_pods;
+        p.max_launches_per_tick = self.launches;
+        p.pod.gpus = self.gpus;
+        p.slo_p95_seconds = self.slo_s;
+        let params = SimParams {
+            tick: Duration::from_secs(self.tick_s),
+            boot_delay: Duration::from_secs(self.boot_s),
+            jobs_per_gpu_per_minute: 4.0,
+            service_seconds: self.service_s,
+            baseline_gpus: self.baseline,
+        };
+        (trace, p, params)
+    }
+}
+
 fn arb_bound_case() -> impl proptest::strategy::Strategy<Value = BoundCase> {
     use proptest::prelude::*;
     (
@@ -973,20 +1008,7 @@ proptest::proptest! {
     /// violation minutes than the bound's; and one with just as few paid at least the bound.
     #[test]
     fn the_bound_is_never_above_a_policy(case in arb_bound_case()) {
-        let rates = case.rates.clone();
-        let trace = per_minute(rates.len() as u64, |m| rates[m as usize].round());
-        let mut p = default_policy();
-        p.max_pods = case.max_pods;
-        p.max_launches_per_tick = case.launches;
-        p.pod.gpus = case.gpus;
-        p.slo_p95_seconds = case.slo_s;
-        let params = SimParams {
-            tick: Duration::from_secs(case.tick_s),
-            boot_delay: Duration::from_secs(case.boot_s),
-            jobs_per_gpu_per_minute: 4.0,
-            service_seconds: case.service_s,
-            baseline_gpus: case.baseline,
-        };
+        let (trace, mut p, params) = case.world();
         let bound = lower_bound(&trace, &p, &params).unwrap();
         for kind in PolicyKind::ALL {
             p.kind = kind;
@@ -1011,20 +1033,7 @@ proptest::proptest! {
     /// pod is bought without a signal asking for it).
     #[test]
     fn no_policy_launches_without_a_signal(case in arb_bound_case()) {
-        let rates = case.rates.clone();
-        let trace = per_minute(rates.len() as u64, |m| rates[m as usize].round());
-        let mut p = default_policy();
-        p.max_pods = case.max_pods;
-        p.max_launches_per_tick = case.launches;
-        p.pod.gpus = case.gpus;
-        p.slo_p95_seconds = case.slo_s;
-        let params = SimParams {
-            tick: Duration::from_secs(case.tick_s),
-            boot_delay: Duration::from_secs(case.boot_s),
-            jobs_per_gpu_per_minute: 4.0,
-            service_seconds: case.service_s,
-            baseline_gpus: case.baseline,
-        };
+        let (trace, mut p, params) = case.world();
         for kind in PolicyKind::ALL {
             p.kind = kind;
             let (_, timeline) = replay(&trace, &p, &params);
