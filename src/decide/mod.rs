@@ -149,9 +149,13 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
     let mut remaining: Vec<&PodView> = view.capacity_pods().collect();
     let mut remaining_gpus = capacity_gpus;
 
+    // Each pass below that removes pods puts `remaining` in its own order, and only when it
+    // has something to remove: most decisions sort once (scale-down) or not at all.
     // Hard limit first: pods above max_pods go, whatever the signals say.
     let excess = capacity_pods.saturating_sub(policy.max_pods) as usize;
-    remaining.sort_by(|a, b| removal_order(a, b));
+    if excess > 0 {
+        remaining.sort_unstable_by(|a, b| removal_order(a, b));
+    }
     for pod in remaining.drain(..excess) {
         remaining_gpus -= pod.gpus;
         plan.steps.push(Step::Terminate {
@@ -166,11 +170,14 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
     // expensive first (busy ones keep their work; the budget then blocks every launch).
     let budget = policy.max_usd_per_hour.dollars() + Usd::EPSILON;
     let mut spend = view.usd_per_hour().dollars();
-    remaining.sort_by(|a, b| {
-        b.usd_per_hour
-            .dollars()
-            .total_cmp(&a.usd_per_hour.dollars())
-    });
+    if spend > budget {
+        remaining.sort_unstable_by(|a, b| {
+            b.usd_per_hour
+                .dollars()
+                .total_cmp(&a.usd_per_hour.dollars())
+                .then_with(|| removal_order(a, b))
+        });
+    }
     remaining.retain(|pod| {
         let idle =
             !pod.is_warming(now, policy.warmup_grace) && pod.idle_for(now) >= policy.idle_timeout;
@@ -348,7 +355,15 @@ fn scale_down(
     now: Timestamp,
     plan: &mut Plan,
 ) {
-    remaining.sort_by(|a, b| removal_order(a, b));
+    // Nothing can go while what remains does not exceed the want: no pod to remove, no
+    // pod waiting for its idle time.
+    if *remaining_gpus < want_gpus {
+        return;
+    }
+    // Already in order unless the budget pass reordered it (checking is linear).
+    if !remaining.is_sorted_by(|a, b| removal_order(a, b).is_le()) {
+        remaining.sort_unstable_by(|a, b| removal_order(a, b));
+    }
     let mut pods_left = count(remaining.iter());
     let mut not_idle = 0u32;
     // A warmed-up pod is serving when busy within SERVING_WITHIN, else idle. Under a steady
@@ -417,6 +432,6 @@ fn removal_order(a: &PodView, b: &PodView) -> std::cmp::Ordering {
     let per_gpu = |p: &PodView| p.usd_per_hour.dollars() / f64::from(p.gpus.max(1));
     per_gpu(b)
         .total_cmp(&per_gpu(a))
-        .then(b.created_at.cmp(&a.created_at))
-        .then(a.id.cmp(&b.id))
+        .then_with(|| b.created_at.cmp(&a.created_at))
+        .then_with(|| a.id.cmp(&b.id))
 }

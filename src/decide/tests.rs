@@ -1009,6 +1009,81 @@ fn surplus_goes_dearest_per_gpu_first_not_dearest_per_pod() {
     );
 }
 
+/// An idle pod `id` with `gpus` GPUs at `usd`/h (last busy ten minutes ago, created an hour
+/// ago).
+fn priced_pod(id: &str, gpus: u32, usd: f64) -> PodView {
+    let mut p = idle_pods(1, Duration::from_secs(600)).remove(0);
+    p.id = PodId::from(id);
+    p.gpus = gpus;
+    p.usd_per_hour = Usd(usd);
+    p
+}
+
+/// The pods a plan terminates, in plan order.
+fn terminated(plan: &Plan) -> Vec<&str> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Terminate { pod, .. } => Some(pod.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn after_the_budget_pass_surplus_still_goes_dearest_per_gpu_first() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_usd_per_hour = Usd(2.8);
+    // $3.90/h in all: the budget takes the dearest pod, a ($1.20), leaving $2.70. Demand then
+    // wants 2 of the 5 GPUs left. Per GPU, b ($0.90) > c ($0.70) > e ($0.40) > d ($0.30); per
+    // pod, e ($0.80) comes before c. Going per GPU, b, c and d go (e's 2 GPUs would cut
+    // below the want); per pod it would be b and e.
+    let pods = vec![
+        priced_pod("d", 1, 0.3),
+        priced_pod("e", 2, 0.8),
+        priced_pod("a", 2, 1.2),
+        priced_pod("c", 1, 0.7),
+        priced_pod("b", 1, 0.9),
+    ];
+    let plan = decide(&view(0, pods), &signals(200.0, None, FRESH), &p, NOW);
+    assert_eq!(terminated(&plan), ["a", "b", "c", "d"], "{plan}");
+    assert!(
+        matches!(
+            &plan.steps[0],
+            Step::Terminate {
+                reason: Reason::OverBudget { .. },
+                ..
+            }
+        ),
+        "{plan}"
+    );
+}
+
+#[test]
+fn over_budget_pods_of_equal_price_go_newest_first_then_by_id() {
+    let mut p = policy(PolicyKind::Target);
+    p.max_usd_per_hour = Usd(2.5);
+    // Four idle pods at $1/h: two must go. Demand wants all four, so only money removes.
+    let mut pods: Vec<PodView> = ["old", "y", "x", "new"]
+        .iter()
+        .map(|id| priced_pod(id, 1, 1.0))
+        .collect();
+    pods[0].created_at = NOW.minus(Duration::from_secs(7200));
+    pods[3].created_at = NOW.minus(Duration::from_secs(900));
+    let plan = decide(&view(0, pods), &signals(400.0, None, STALE), &p, NOW);
+    // The newest first, then of the two created together the smaller id.
+    assert_eq!(terminated(&plan), ["new", "x"], "{plan}");
+}
+
+#[test]
+fn a_pod_without_gpus_goes_when_the_rest_exactly_covers_demand() {
+    let p = policy(PolicyKind::Target);
+    // One GPU wanted and one GPU there: the GPU-less pod (a CPU pod) adds nothing but bills.
+    let pods = vec![priced_pod("gpu", 1, 0.5), priced_pod("cpu", 0, 0.1)];
+    let plan = decide(&view(0, pods), &signals(100.0, None, FRESH), &p, NOW);
+    assert_eq!(terminated(&plan), ["cpu"], "{plan}");
+}
+
 #[test]
 fn a_step_up_is_attributed_to_whichever_signal_asks_more() {
     let p = policy(PolicyKind::Target);
