@@ -153,7 +153,7 @@ pub fn decide(view: &ClusterView, signals: &Signals, policy: &Policy, now: Times
     // has something to remove: most decisions sort once (scale-down) or not at all.
     // Hard limit first: pods above max_pods go, whatever the signals say.
     let excess = capacity_pods.saturating_sub(policy.max_pods) as usize;
-    if excess > 0 {
+    if excess != 0 {
         remaining.sort_unstable_by(|a, b| removal_order(a, b));
     }
     for pod in remaining.drain(..excess) {
