@@ -272,9 +272,15 @@ async fn an_interrupted_upload_resumes_sending_only_the_missing_parts() {
     let out = store.checkpoint("job-r", src.path(), &o).await.unwrap();
     assert!(out.resumed_upload);
     assert_eq!(out.manifest.seq, 1);
-    assert_eq!(out.parts_skipped as usize, kept);
-    assert_eq!(out.parts_uploaded as usize, 8 - kept);
-    assert_eq!(sent.load(Ordering::SeqCst) as usize, 8 - kept);
+    // A part whose body had reached the server when the upload was cancelled can still land
+    // after `checkpoint` returned, so `kept` is a lower bound on what the resume finds.
+    let skipped = out.parts_skipped as usize;
+    assert!(
+        (kept..8).contains(&skipped),
+        "{skipped} parts skipped, {kept} were on the server"
+    );
+    assert_eq!(out.parts_uploaded as usize, 8 - skipped);
+    assert_eq!(sent.load(Ordering::SeqCst) as usize, 8 - skipped);
     assert_eq!(s3.pending_parts(), 0);
 
     let dst = tempfile::tempdir().unwrap();
