@@ -355,12 +355,12 @@ fn scale_down(
     now: Timestamp,
     plan: &mut Plan,
 ) {
-    // Nothing can go while what remains does not exceed the want: no pod to remove, no
-    // pod waiting for its idle time.
+    // Below the want nothing can go: no pod to remove, no pod waiting for its idle time.
     if *remaining_gpus < want_gpus {
         return;
     }
-    // Already in order unless the budget pass reordered it (checking is linear).
+    // In order already when the max_pods pass sorted it and the budget pass did not (the
+    // check is linear, the sort is not).
     if !remaining.is_sorted_by(|a, b| removal_order(a, b).is_le()) {
         remaining.sort_unstable_by(|a, b| removal_order(a, b));
     }
