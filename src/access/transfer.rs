@@ -942,7 +942,10 @@ impl PodAccess {
                 dst.seek(std::io::SeekFrom::Start(off))
                     .and_then(|_| dst.write_all(&buf))
                     .map_err(|e| local_err(&part, e))?;
-                writeln!(log, "{i} {h}").map_err(|e| local_err(&journal, e))?;
+                // One write per line: `writeln!` writes the index, the space, the hash and
+                // the newline separately, and a kill between them leaves half a line.
+                log.write_all(format!("{i} {h}\n").as_bytes())
+                    .map_err(|e| local_err(&journal, e))?;
             }
             tally.sent_chunks += 1;
             tally.sent_bytes += len as u64;
