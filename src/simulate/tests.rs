@@ -596,28 +596,17 @@ fn odd_params_do_not_panic_or_hang() {
 /// the bound was not computed. Timelines come only when asked for.
 #[test]
 fn a_comparison_without_the_bound_says_so() {
-    let with = compare(
-        "spike",
-        &single_spike(),
-        &policy(PolicyKind::Target),
-        &[PolicyKind::Cost],
-        &params(2),
-        Extras {
-            bound: true,
-            timelines: true,
-        },
-    );
-    let without = compare(
-        "spike",
-        &single_spike(),
-        &policy(PolicyKind::Target),
-        &[PolicyKind::Cost],
-        &params(2),
-        Extras {
-            bound: false,
-            timelines: false,
-        },
-    );
+    let spike = |bound: bool, timelines: bool| {
+        compare(
+            "spike",
+            &single_spike(),
+            &policy(PolicyKind::Target),
+            &[PolicyKind::Cost],
+            &params(2),
+            Extras { bound, timelines },
+        )
+    };
+    let (with, without) = (spike(true, true), spike(false, false));
     assert!(with.bound.is_some());
     assert_eq!(
         (without.bound.as_ref(), without.bound_error.as_ref()),
