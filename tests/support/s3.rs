@@ -82,6 +82,23 @@ impl S3s {
             .count()
     }
 
+    /// [`Self::pending_parts`] once the count has held still for half a second (giving up
+    /// the wait after 10 s): a part whose body reached the server before its upload was
+    /// cancelled can still land a moment after the client returned.
+    pub async fn settled_pending_parts(&self) -> usize {
+        const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut last = self.pending_parts();
+        loop {
+            tokio::time::sleep(QUIET).await;
+            let now = self.pending_parts();
+            if now == last || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     /// A checkpoint configuration for this server under `prefix`, with the test key pair and
     /// the smallest part size S3 allows (tests then see several parts without large files).
     pub fn config(&self, prefix: &str) -> CheckpointConfig {
