@@ -514,6 +514,7 @@ fn main() -> anyhow::Result<()> {
     let ccap: usize = ccap.parse().context("CREATIONS must be a whole number")?;
     let trace = Trace::from_path(Path::new(path.as_str()))?;
     let (m, wd, floor) = reference_floor(&trace, vcap, ccap)?;
+    // `none`: no reactive policy gets within those caps.
     let dollars = |x: Option<f64>| x.map_or("none".to_owned(), |x| format!("${x:.3}"));
     println!(
         "{path}: {} windows, quiet ticks bring at most {:.2} jobs, pods must serve {:.0} pod-ticks (${:.3})",
@@ -523,7 +524,7 @@ fn main() -> anyhow::Result<()> {
         wd.work * m.price_tick
     );
     println!(
-        "least spend of a reactive policy with <= {vcap} violation minutes and <= {ccap} creations: {}",
+        "a reactive policy with <= {vcap} violation minutes and <= {ccap} creations spends at least: {}",
         dollars(floor.grid[vcap][ccap])
     );
     let caps: Vec<String> = (0..=ccap)
@@ -531,7 +532,7 @@ fn main() -> anyhow::Result<()> {
         .map(|c| format!("{c}: {}", dollars(floor.grid[vcap][c])))
         .collect();
     println!(
-        "by creations (<= {vcap} violation minutes): {}",
+        "at least, by creations (<= {vcap} violation minutes): {}",
         caps.join(", ")
     );
     if floor.unfinished {
