@@ -574,7 +574,7 @@ mod tests {
         Trace::from_reader(text.as_bytes()).expect("a well-formed trace")
     }
 
-    /// One busy minute of 40 jobs (10 a tick) and ten quiet ones. The two baseline GPUs serve
+    /// One busy minute of 40 jobs (10 a tick) and twenty quiet ones. The two baseline GPUs serve
     /// 2 a tick and keep the SLO while at most 6.67 jobs wait: alone they violate minutes 1-5
     /// (the backlog peaks at 32 at 120 s) and then drain it, so the pods need do no work. A
     /// pod launched on the busy minute's first tick serves from 180 s, when 24 wait: one pod
@@ -583,11 +583,14 @@ mod tests {
     #[test]
     fn one_burst_by_hand() {
         let mut rows = vec![0.0, 40.0];
-        rows.extend([0.0; 10]);
+        rows.extend([0.0; 20]);
         let (m, wd, floor) = reference_floor(&trace(&rows), 6, 20).expect("a floor");
-        assert_eq!(wd.windows, [(4, 8, 48)]);
+        assert_eq!(wd.windows, [(4, 8, 88)]);
         assert_eq!(wd.work, 0.0);
+        // A backlog kept through 20 quiet minutes would violate in more than 6 of them.
         assert!(!floor.unfinished);
+        let (_, _, short) = reference_floor(&trace(&rows[..12]), 6, 20).expect("a floor");
+        assert!(short.unfinished, "10 quiet minutes cannot rule it out");
         let boot = 8.0 * m.price_tick;
         let at = |v: usize, c: usize| floor.grid[v][c];
         assert_eq!(at(5, 0), Some(0.0));
