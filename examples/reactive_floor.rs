@@ -138,14 +138,13 @@ fn world(trace: &Trace, policy: &Policy, params: &SimParams, m: &Model) -> anyho
             t.minute
         );
     }
-    let base_serves = m.base * m.per_gpu_tick;
-    let quiet_max = QUIET_SHARE * base_serves;
+    let quiet_limit = QUIET_SHARE * m.base * m.per_gpu_tick;
     let minute: Vec<u64> = ticks.iter().map(|t| t.minute).collect();
     let minutes = minute.last().map_or(0, |x| x + 1) as usize;
     let (mut busy, mut first_tick) = (vec![false; minutes], vec![ticks.len(); minutes]);
     for (t, (mm, a)) in minute.iter().zip(&arrivals).enumerate() {
         let mm = *mm as usize;
-        busy[mm] |= *a > quiet_max;
+        busy[mm] |= *a > quiet_limit;
         first_tick[mm] = first_tick[mm].min(t);
     }
     let mut starts = Vec::new();
@@ -161,7 +160,7 @@ fn world(trace: &Trace, policy: &Policy, params: &SimParams, m: &Model) -> anyho
     }
     ensure!(
         starts.len() == quiets.len(),
-        "the trace must end with a quiet minute (one at most {quiet_max} jobs per tick)"
+        "the trace must end with a quiet minute (one at most {quiet_limit} jobs per tick)"
     );
     let windows = (0..starts.len())
         .map(|w| {
@@ -177,21 +176,12 @@ fn world(trace: &Trace, policy: &Policy, params: &SimParams, m: &Model) -> anyho
         .fold(0.0, f64::max);
     Ok(World {
         base_queue: ticks.iter().map(|t| t.queue_observed).collect(),
-        work: report.jobs_arrived - report.jobs_completed,
+        work: (report.jobs_arrived - report.jobs_completed) / (m.gpus * m.per_gpu_tick),
         arrivals,
         minute,
         windows,
         quiet_max,
-    }
-    .in_pod_ticks(m))
-}
-
-impl World {
-    /// Turns `work` from jobs into pod-ticks of serving.
-    fn in_pod_ticks(mut self, m: &Model) -> World {
-        self.work /= m.gpus * m.per_gpu_tick;
-        self
-    }
+    })
 }
 
 /// Violation minutes of window `w`'s busy and quiet parts with `h` pods held in, `ne` launched
@@ -600,6 +590,24 @@ mod tests {
         assert!((at(3, 2).expect("two pods") - 2.0 * boot).abs() < 1e-12);
         assert!((at(3, 20).expect("two pods") - 2.0 * boot).abs() < 1e-12);
         assert_eq!(at(2, 20), None);
+    }
+
+    /// The case the property test found against the first version: pods let go before the
+    /// trace's end served its last backlog, and the floor had called `seed`'s schedule (9
+    /// violation minutes, 20 creations) impossible.
+    #[test]
+    fn pods_let_go_before_the_end_still_count_as_serving() {
+        let mut rows = vec![0.0, 0.0, 0.0, 0.0, 25.0, 136.0, 94.0, 75.0, 107.0, 123.0];
+        rows.extend([0.0; 5]);
+        let trace = trace(&rows);
+        let params = SimParams::default();
+        let seed = policies(&[1.0], &[0], &[0], &[180]).remove(0);
+        let r = simulate(&trace, &seed, &params);
+        assert_eq!((r.slo_violation_minutes, r.pod_creations), (9, 20));
+        let (_, _, floor) = reference_floor(&trace, 9, 20).expect("a floor");
+        let least = floor.grid[9][20].expect("within reach");
+        assert!(least <= r.total_usd, "{least} above {}", r.total_usd);
+        check(&trace, &params, &floor, &[seed]).expect("not below the floor");
     }
 
     /// A trace the floor cannot cut says why.
